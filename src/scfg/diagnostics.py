@@ -1,0 +1,68 @@
+"""Per-step diagnostics: what S-CFG saw and decided at each denoising step (opt-in)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["Recorder", "StepReport"]
+
+
+@dataclass
+class StepReport:
+    """One denoising step of S-CFG, as CPU tensors. `B` counts the conditional samples only.
+
+    Attributes:
+        step: index of the step in the scheduler's timesteps (`None` if the timestep was not found there).
+        timestep: the denoiser's timestep.
+        guidance_scale: `g`.
+        token_masks: `[B, T, h, w]` bool regions on the mask grid.
+        foreground_mask: `[B, 1, h, w]` bool foreground on the mask grid.
+        rate_map: `[B, 1, H, W]` float32 final per-pixel rate on the latent grid.
+        token_rates: `[B, T]` float32 per-region rate before clamps (0 for empty regions).
+        region_norms: `[B, T]` float32 mean score norm per region (0 for empty regions).
+        benchmark_norm: `[B]` float32 mean score norm of the benchmark region.
+        tokens: per sample, the token strings of the prompt (`None` with `prompt_embeds`).
+    """
+
+    step: int | None
+    timestep: float
+    guidance_scale: float
+    token_masks: torch.Tensor
+    foreground_mask: torch.Tensor
+    rate_map: torch.Tensor
+    token_rates: torch.Tensor
+    region_norms: torch.Tensor
+    benchmark_norm: torch.Tensor
+    tokens: list[list[str]] | None = None
+
+    def norm_spread(self, after: bool = False) -> torch.Tensor:
+        """Return `[B]` the coefficient of variation of the non-empty regions' mean score norms.
+
+        `after=True` measures the norms after rescaling (`rate_i * norm_i`, the quantity S-CFG equalises; clamps
+        and smoothing are not modelled). 0 means every region is guided to the same level.
+        """
+        present = self.token_masks.flatten(2).any(dim=2)
+        norms = self.region_norms * (self.token_rates if after else 1.0)
+        spreads = []
+        for values, keep in zip(norms, present, strict=True):
+            v = values[keep]
+            spreads.append(v.std(unbiased=False) / v.mean() if v.numel() > 0 and v.mean() > 0 else v.new_zeros(()))
+        return torch.stack(spreads)
+
+
+@dataclass
+class Recorder:
+    """Collect every `StepReport`; pass it as `on_step=`. `max_steps` bounds memory (oldest dropped first)."""
+
+    max_steps: int | None = None
+    steps: list[StepReport] = field(default_factory=list)
+
+    def __call__(self, report: StepReport) -> None:
+        self.steps.append(report)
+        if self.max_steps is not None and len(self.steps) > self.max_steps:
+            del self.steps[0]
+
+    def clear(self) -> None:
+        self.steps.clear()

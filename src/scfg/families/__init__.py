@@ -1,0 +1,65 @@
+"""Model families: one small, self-contained adapter per denoiser architecture.
+
+A family answers four questions for the integration: which module is the denoiser, which attention layers feed
+the maps (and at which grid level), how large the latent of a forward pass is, and how the CFG batch is laid out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from ..config import SCFGError
+
+__all__ = ["FAMILIES", "LayerPair", "ModelFamily", "family_for"]
+
+
+@dataclass(frozen=True)
+class LayerPair:
+    """A cross-attention layer, the self-attention layer of the same block, and their grid level."""
+
+    cross: str
+    self_attn: str | None
+    level: int
+
+
+class ModelFamily(Protocol):
+    """The contract every family adapter module fulfils."""
+
+    name: str
+
+    def matches(self, pipe: Any) -> bool: ...
+
+    def denoiser(self, pipe: Any) -> nn.Module: ...
+
+    def layer_pairs(self, denoiser: nn.Module) -> list[LayerPair]: ...
+
+    def latent_hw(self, args: tuple, kwargs: dict) -> tuple[int, int]: ...
+
+    def split_cfg_batch(self, pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def join_cfg_batch(self, pred_uncond: torch.Tensor, pred_cond: torch.Tensor) -> torch.Tensor: ...
+
+
+def _families() -> list[ModelFamily]:
+    from . import sd_unet
+
+    return [sd_unet.FAMILY]
+
+
+FAMILIES = ("sd_unet",)
+
+
+def family_for(pipe: Any) -> ModelFamily:
+    """Return the adapter for `pipe`, or raise naming the supported families."""
+    for family in _families():
+        if family.matches(pipe):
+            return family
+    raise SCFGError(
+        f"Expected a pipeline of a supported model family ({', '.join(FAMILIES)}: StableDiffusion 1.x/2.x "
+        f"pipelines with a `UNet2DConditionModel`), but got {type(pipe).__name__} with denoiser "
+        f"{type(getattr(pipe, 'unet', getattr(pipe, 'transformer', None))).__name__}."
+    )

@@ -1,0 +1,78 @@
+"""Stable Diffusion 1.x/2.x: `UNet2DConditionModel` with CLIP text conditioning.
+
+Region definition (the authors' recipe): the cross-attention (`attn2`) and self-attention (`attn1`) of every
+transformer block at the latent/4 and latent/8 grids; for SD 1.5 at 512 px these are the two blocks of
+`down_blocks.2` and the three of `up_blocks.1` (16x16) and the mid block (8x8). Levels are read from the UNet's
+structure (which blocks downsample), so any depth works, and checked against the real grid at run time.
+The CFG batch is `[uncond, cond]`, the order in which the diffusers pipelines concatenate prompt embeddings.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import Attention
+from torch import nn
+
+from . import LayerPair
+
+__all__ = ["FAMILY"]
+
+
+def _block_levels(unet: UNet2DConditionModel) -> dict[str, int]:
+    """Map each block prefix (`down_blocks.2`, `mid_block`, `up_blocks.1`) to its downsampling factor."""
+    levels: dict[str, int] = {}
+    level = 1
+    for i, block in enumerate(unet.down_blocks):
+        levels[f"down_blocks.{i}"] = level
+        if getattr(block, "downsamplers", None) is not None:
+            level *= 2
+    levels["mid_block"] = level
+    for i, block in enumerate(unet.up_blocks):
+        levels[f"up_blocks.{i}"] = level
+        if getattr(block, "upsamplers", None) is not None:
+            level //= 2
+    return levels
+
+
+class SDUNetFamily:
+    """Adapter for StableDiffusion 1.x/2.x pipelines (text-to-image, img2img, inpainting, ControlNet)."""
+
+    name = "sd_unet"
+
+    def matches(self, pipe: Any) -> bool:
+        unet = getattr(pipe, "unet", None)
+        # SDXL has a second text encoder and no attention at latent/8: it is not this family.
+        return isinstance(unet, UNet2DConditionModel) and getattr(pipe, "text_encoder_2", None) is None
+
+    def denoiser(self, pipe: Any) -> nn.Module:
+        return pipe.unet
+
+    def layer_pairs(self, denoiser: nn.Module) -> list[LayerPair]:
+        levels = _block_levels(denoiser)  # type: ignore[arg-type]
+        pairs = []
+        for name, module in denoiser.named_modules():
+            if not (isinstance(module, Attention) and module.is_cross_attention and name.endswith(".attn2")):
+                continue
+            prefix = ".".join(name.split(".")[:2]) if not name.startswith("mid_block") else "mid_block"
+            self_name = name[: -len("attn2")] + "attn1"
+            self_module = denoiser.get_submodule(self_name) if hasattr(denoiser, "get_submodule") else None
+            has_self = isinstance(self_module, Attention) and not self_module.is_cross_attention
+            pairs.append(LayerPair(cross=name, self_attn=self_name if has_self else None, level=levels[prefix]))
+        return pairs
+
+    def latent_hw(self, args: tuple, kwargs: dict) -> tuple[int, int]:
+        sample = args[0] if args else kwargs["sample"]
+        return int(sample.shape[-2]), int(sample.shape[-1])
+
+    def split_cfg_batch(self, pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pred_uncond, pred_cond = pred.chunk(2)
+        return pred_uncond, pred_cond
+
+    def join_cfg_batch(self, pred_uncond: torch.Tensor, pred_cond: torch.Tensor) -> torch.Tensor:
+        return torch.cat([pred_uncond, pred_cond])
+
+
+FAMILY = SDUNetFamily()

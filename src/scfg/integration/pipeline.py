@@ -1,0 +1,333 @@
+"""S-CFG on stock diffusers pipelines, with no forked pipeline code.
+
+Three reversible hooks do the work, all removed on exit from the `with` block (also when the pipeline raises):
+
+1. forward pre-hooks on the attention layers the config needs (`AttentionCapture`);
+2. a forward pre-hook and a forward hook on the denoiser: the pre-hook decides whether this pass is guided
+   (CFG active, step inside `[start_fraction, stop_fraction)`) and starts the capture; the forward hook builds
+   the masks, computes the rate map, and rewrites the conditional half of the prediction as
+   `pred_uncond + rate * score`, so that the pipeline's own `pred_uncond + g * (pred_cond - pred_uncond)` yields
+   `pred_uncond + g * rate * score`;
+3. an instance-level wrapper of `pipe.encode_prompt` that notes the prompts and `num_images_per_prompt` of the
+   call (for `region_tokens="words"` and the token strings in diagnostics).
+
+The step boundary is the denoiser's forward pass itself; nothing counts calls.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..capture import AttentionCapture, CapturedPass, grid_for, level_grid
+from ..config import SCFGConfig, SCFGError
+from ..diagnostics import StepReport
+from ..families import LayerPair, ModelFamily, family_for
+from ..rule import semantic_guidance
+from ..segment import assign_regions, average_layer_maps, foreground_mask
+
+__all__ = ["SemanticGuidance", "enable"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _PromptInfo:
+    """Token ids of one pipeline call's prompts, repeated per image: `[B, T]`."""
+
+    token_ids: torch.Tensor
+    word_mask: torch.Tensor
+    tokens: list[list[str]]
+
+
+def enable(
+    pipe: Any,
+    config: SCFGConfig | str | None = None,
+    *,
+    on_step: Callable[[StepReport], None] | None = None,
+) -> SemanticGuidance:
+    """Apply S-CFG to `pipe` inside a `with` block.
+
+    Args:
+        pipe: a diffusers pipeline of a supported family (StableDiffusion 1.x/2.x pipelines).
+        config (`SCFGConfig` or `str`, *optional*): the config, or a preset name (`"official"`, `"paper"`).
+            Defaults to the `"official"` preset.
+        on_step (`Callable[[StepReport], None]`, *optional*): called after every guided step with CPU tensors,
+            e.g. a `scfg.Recorder()`. Costs a device-to-host copy per step; leave `None` for speed.
+
+    Example:
+        ```py
+        with scfg.enable(pipe):
+            image = pipe("a red cube on a blue sphere", guidance_scale=7.5).images[0]
+        ```
+    """
+    return SemanticGuidance(pipe, config, on_step=on_step)
+
+
+class SemanticGuidance:
+    """Context manager that applies S-CFG to a stock diffusers pipeline; see `enable`."""
+
+    def __init__(
+        self,
+        pipe: Any,
+        config: SCFGConfig | str | None = None,
+        *,
+        on_step: Callable[[StepReport], None] | None = None,
+    ) -> None:
+        if config is None:
+            config = SCFGConfig()
+        elif isinstance(config, str):
+            config = SCFGConfig.preset(config)
+        elif not isinstance(config, SCFGConfig):
+            raise SCFGError(f"Expected `config` as an SCFGConfig or a preset name, but got {type(config).__name__}.")
+        self.pipe = pipe
+        self.config = config
+        self.on_step = on_step
+        self.family: ModelFamily = family_for(pipe)
+        self.denoiser: nn.Module = self.family.denoiser(pipe)
+        self.pairs = self._select_pairs(self.family.layer_pairs(self.denoiser))
+        layers = [p.cross for p in self.pairs] + [p.self_attn for p in self.pairs if p.self_attn is not None]
+        self._capture = AttentionCapture(self.denoiser, layers)
+        self._stack: ExitStack | None = None
+        self._prompt: _PromptInfo | None = None
+        self._step: tuple[int | None, float, float] | None = None
+        self._warned: set[str] = set()
+
+    def _select_pairs(self, pairs: list[LayerPair]) -> list[LayerPair]:
+        available = sorted({p.level for p in pairs})
+        missing = [level for level in self.config.levels if level not in available]
+        if missing:
+            raise SCFGError(
+                f"Expected cross-attention at latent/{missing[0]} for `levels={self.config.levels}`, but this "
+                f"{type(self.denoiser).__name__} has cross-attention only at levels {available}. Pass "
+                f"`levels=` with some of {available}."
+            )
+        return [p for p in pairs if p.level in self.config.levels]
+
+    # -- entering and leaving ---------------------------------------------------------------------------------
+
+    def __enter__(self) -> SemanticGuidance:
+        if self._stack is not None:
+            raise SCFGError("Expected a fresh `scfg.enable(...)` context, but this one is already entered.")
+        for hook in list(self.denoiser._forward_pre_hooks.values()):
+            if isinstance(getattr(hook, "__self__", None), SemanticGuidance):
+                raise SCFGError(
+                    f"Expected S-CFG to be off on this {type(self.denoiser).__name__}, but another `scfg.enable` "
+                    "context is active on it (maybe through another pipeline sharing it). Leave that one first."
+                )
+        stack = ExitStack()
+        try:
+            stack.enter_context(self._capture)
+            stack.callback(self.denoiser.register_forward_pre_hook(self._begin_pass, with_kwargs=True).remove)
+            stack.callback(self.denoiser.register_forward_hook(self._finish_pass, with_kwargs=True).remove)
+            self._wrap_encode_prompt(stack)
+            stack.callback(self._reset)
+        except BaseException:
+            stack.close()
+            raise
+        self._stack = stack
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            stack.close()
+
+    def _reset(self) -> None:
+        self._prompt = None
+        self._step = None
+
+    def _wrap_encode_prompt(self, stack: ExitStack) -> None:
+        pipe = self.pipe
+        original = getattr(pipe, "encode_prompt", None)
+        if original is None:
+            return
+        own = vars(pipe)
+        had_own, previous = "encode_prompt" in own, own.get("encode_prompt")
+        signature = inspect.signature(original)
+
+        def encode_prompt(*args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind_partial(*args, **kwargs).arguments
+            self._prompt = self._tokenize(bound.get("prompt"), bound.get("num_images_per_prompt", 1) or 1)
+            return original(*args, **kwargs)
+
+        def restore() -> None:
+            if had_own:
+                object.__setattr__(pipe, "encode_prompt", previous)
+            else:
+                vars(pipe).pop("encode_prompt", None)
+
+        object.__setattr__(pipe, "encode_prompt", encode_prompt)
+        stack.callback(restore)
+
+    def _tokenize(self, prompt: str | list[str] | None, num_images_per_prompt: int) -> _PromptInfo | None:
+        tokenizer = getattr(self.pipe, "tokenizer", None)
+        if prompt is None or tokenizer is None:
+            return None
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        ids = tokenizer(
+            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
+        words = ~torch.isin(ids, special)
+        tokens = [tokenizer.convert_ids_to_tokens(row.tolist()) for row in ids]
+        n = int(num_images_per_prompt)
+        return _PromptInfo(
+            token_ids=ids.repeat_interleave(n, dim=0),
+            word_mask=words.repeat_interleave(n, dim=0),
+            tokens=[t for t in tokens for _ in range(n)],
+        )
+
+    # -- one denoiser pass ------------------------------------------------------------------------------------
+
+    def _begin_pass(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._capture.finish()
+        self._step = None
+        try:
+            if not self.pipe.do_classifier_free_guidance:
+                return
+            guidance_scale = float(self.pipe.guidance_scale)
+        except AttributeError:  # the denoiser was called outside a pipeline call
+            return
+        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        step, num_steps = self._step_index(timestep)
+        if step is not None and num_steps:
+            fraction = step / num_steps
+            if not self.config.start_fraction <= fraction < self.config.stop_fraction:
+                return
+        self._step = (step, float(torch.as_tensor(timestep).flatten()[0]) if timestep is not None else 0.0,
+                      guidance_scale)
+        self._capture.begin(self.family.latent_hw(args, kwargs))
+
+    def _step_index(self, timestep: Any) -> tuple[int | None, int]:
+        timesteps = getattr(getattr(self.pipe, "scheduler", None), "timesteps", None)
+        if timestep is None or timesteps is None or len(timesteps) == 0:
+            return None, 0
+        t = torch.as_tensor(timestep).flatten()[0].to(timesteps.device, timesteps.dtype)
+        match = (timesteps == t).nonzero()
+        return (int(match[0, 0]) if len(match) else None), len(timesteps)
+
+    def _finish_pass(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        captured = self._capture.finish()
+        if captured is None or self._step is None:
+            return output
+        is_tuple = isinstance(output, tuple)
+        pred = output[0] if is_tuple else output.sample
+        new_pred = self._guide(pred, captured)
+        if is_tuple:
+            return (new_pred, *output[1:])
+        output.sample = new_pred
+        return output
+
+    def _guide(self, pred: torch.Tensor, captured: CapturedPass) -> torch.Tensor:
+        step, timestep, guidance_scale = self._step  # type: ignore[misc]
+        config = self.config
+        if pred.shape[0] % 2:
+            raise SCFGError(
+                f"Expected the CFG batch [uncond, cond] to have an even size, but the denoiser returned "
+                f"{pred.shape[0]} samples."
+            )
+        captured.require(self._capture.layers)
+        latent_hw = captured.latent_hw
+        mask_grid = level_grid(latent_hw, config.mask_level)
+        layers = []
+        for pair in self.pairs:
+            cross = captured.probs[pair.cross]
+            grid = grid_for(cross.shape[1], latent_hw)
+            if grid != level_grid(latent_hw, pair.level):
+                raise SCFGError(
+                    f"Expected layer `{pair.cross}` at latent/{pair.level} of the {latent_hw[0]}x{latent_hw[1]} "
+                    f"latent, but its {cross.shape[1]} queries form a {grid[0]}x{grid[1]} grid."
+                )
+            self_probs = captured.probs[pair.self_attn] if pair.self_attn is not None else None
+            layers.append((cross, self_probs, grid))
+        captured.probs.clear()
+        token_maps, fg_maps = average_layer_maps(
+            layers, mask_grid, config.completion, config.completion_order, config.token_map_smoothing
+        )
+        del layers
+        halves = dict(zip(("uncond", "cond"), self.family.split_cfg_batch(token_maps), strict=True))
+        fg_halves = dict(zip(("uncond", "cond"), self.family.split_cfg_batch(fg_maps), strict=True))
+        token_src, fg_src = halves[config.token_source], fg_halves[config.foreground_source]
+        pred_uncond, pred_cond = self.family.split_cfg_batch(pred)
+        if not (torch.isfinite(token_src).all() and torch.isfinite(fg_src).all()):
+            self._warn_once(
+                "nonfinite",
+                "Attention maps were not finite (overflow in half precision?); this step uses plain CFG.",
+            )
+            return pred
+
+        allowed = self._allowed_tokens(token_src.shape[0], token_src.shape[1])
+        token_masks = assign_regions(token_src, allowed, config.tie_break)
+        fg_mask = foreground_mask(fg_src)
+        result = semantic_guidance(
+            pred_uncond,
+            pred_cond,
+            token_masks,
+            fg_mask,
+            guidance_scale,
+            benchmark=config.benchmark,
+            rate_clamp=config.rate_clamp,
+            max_effective_scale=config.max_effective_scale,
+            smoothing=config.rate_map_smoothing,
+        )
+        if not torch.isfinite(result.rate_map).all():
+            self._warn_once("nonfinite_rate", "The S-CFG rate map was not finite; this step uses plain CFG.")
+            return pred
+        if getattr(self.pipe, "guidance_rescale", 0.0) > 0.0:
+            self._warn_once(
+                "rescale",
+                "`guidance_rescale` > 0: the pipeline rescales against the rewritten conditional prediction "
+                "(uncond + rate * score), not the original one.",
+            )
+        # The pipeline computes uncond + g * (cond' - uncond); this cond' makes that uncond + g * rate * score.
+        score = pred_cond.float() - pred_uncond.float()
+        new_cond = (pred_uncond.float() + result.rate_map * score).to(pred.dtype)
+        if self.on_step is not None:
+            self.on_step(
+                StepReport(
+                    step=step,
+                    timestep=timestep,
+                    guidance_scale=guidance_scale,
+                    token_masks=token_masks.bool().cpu(),
+                    foreground_mask=fg_mask.bool().cpu(),
+                    rate_map=result.rate_map.cpu(),
+                    token_rates=result.token_rates.cpu(),
+                    region_norms=result.region_norms.cpu(),
+                    benchmark_norm=result.benchmark_norm.cpu(),
+                    tokens=self._prompt.tokens if self._matches_prompt(token_src.shape[:2]) else None,
+                )
+            )
+        return self.family.join_cfg_batch(pred_uncond, new_cond)
+
+    def _matches_prompt(self, shape: tuple[int, int] | torch.Size) -> bool:
+        return self._prompt is not None and tuple(self._prompt.token_ids.shape) == tuple(shape)
+
+    def _allowed_tokens(self, batch: int, num_tokens: int) -> torch.Tensor | None:
+        if self.config.region_tokens == "all":
+            return None
+        if not self._matches_prompt((batch, num_tokens)):
+            self._warn_once(
+                "words",
+                "`region_tokens='words'` needs a text prompt (not `prompt_embeds`) of the tokenizer's length; "
+                "every token position may own a region instead.",
+            )
+            return None
+        words = self._prompt.word_mask  # type: ignore[union-attr]
+        # A prompt with no words (empty string) keeps every token so that each pixel still has a region.
+        return torch.where(words.any(dim=1, keepdim=True), words, torch.ones_like(words)).to(self._device())
+
+    def _device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(message)

@@ -1,0 +1,141 @@
+"""The per-region guidance rule (ALGORITHM.md section 2, steps 5-8).
+
+Pure tensor functions: no diffusers, no transformers, no state. `score = pred_cond - pred_uncond` is the classifier
+score η; `rate` is the per-pixel multiplier of the guidance scale `g`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .segment import smooth, upsample_masks
+
+__all__ = ["GuidanceResult", "finish_rate_map", "region_rates", "semantic_guidance"]
+
+
+@dataclass
+class GuidanceResult:
+    """What one S-CFG step computed.
+
+    Attributes:
+        guided: `[B, C, H, W]` `pred_uncond + g * rate * score`, in the dtype of the predictions.
+        rate_map: `[B, 1, H, W]` float32 final per-pixel rate (after clamps, cap and smoothing).
+        token_rates: `[B, T]` float32 per-region rates before the clamps (0 for empty regions).
+        region_norms: `[B, T]` float32 mean score norm inside each region (0 for empty regions).
+        benchmark_norm: `[B]` float32 mean score norm inside the benchmark region.
+    """
+
+    guided: torch.Tensor
+    rate_map: torch.Tensor
+    token_rates: torch.Tensor
+    region_norms: torch.Tensor
+    benchmark_norm: torch.Tensor
+
+
+def _masked_mean(values: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Mean of `values` `[B, H, W]` inside each mask `[B, K, H, W]`; 0 for empty masks. Returns `[B, K]`."""
+    total = torch.einsum("bkhw,bhw->bk", masks, values)
+    count = masks.sum(dim=(2, 3))
+    return torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
+
+
+def region_rates(
+    score_norm: torch.Tensor,
+    token_masks: torch.Tensor,
+    benchmark_mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return each region's rate `mean_{benchmark} n / mean_{region} n` (step 6; the paper's `g_i / g`).
+
+    Args:
+        score_norm (`torch.Tensor`): `[B, H, W]` per-pixel L2 norm of the score over latent channels.
+        token_masks (`torch.Tensor`): `[B, T, H, W]` 0/1 region masks at the latent grid.
+        benchmark_mask (`torch.Tensor`): `[B, 1, H, W]` 0/1 benchmark region (the foreground).
+
+    Returns:
+        rates `[B, T]` (0 for an empty region, and 0 everywhere for an empty benchmark), region norms `[B, T]`,
+        benchmark norm `[B]`.
+
+    >>> n = torch.tensor([[[1.0, 3.0]]]); m = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]])
+    >>> region_rates(n, m, torch.ones(1, 1, 1, 2))[0]
+    tensor([[2.0000, 0.6667]])
+    """
+    region = _masked_mean(score_norm, token_masks)
+    benchmark = _masked_mean(score_norm, benchmark_mask)[:, 0]
+    rates = torch.where(region > 0, benchmark[:, None] / region.clamp_min(torch.finfo(region.dtype).tiny), 0.0)
+    return rates, region, benchmark
+
+
+def finish_rate_map(
+    rate: torch.Tensor,
+    guidance_scale: float,
+    rate_clamp: tuple[float, float] | None = (0.8, 3.0),
+    max_effective_scale: float | None = 15.0,
+    smoothing: float | None = 0.5,
+) -> torch.Tensor:
+    """Clamp, cap and smooth a `[B, 1, H, W]` rate map (step 7).
+
+    The cap `rate <= max_effective_scale / g` comes after the clamp, so for `g > 15 / 0.8 = 18.75` the rate is the
+    constant `15 / g` everywhere.
+
+    >>> finish_rate_map(torch.tensor([[[[0.1, 9.0]]]]), 7.5, smoothing=None)
+    tensor([[[[0.8000, 2.0000]]]])
+    """
+    if rate_clamp is not None:
+        rate = rate.clamp(rate_clamp[0], rate_clamp[1])
+    if max_effective_scale is not None:
+        rate = rate.clamp_max(max_effective_scale / guidance_scale)
+    return smooth(rate, smoothing)
+
+
+def semantic_guidance(
+    pred_uncond: torch.Tensor,
+    pred_cond: torch.Tensor,
+    token_masks: torch.Tensor,
+    foreground_mask: torch.Tensor,
+    guidance_scale: float,
+    *,
+    benchmark: Literal["foreground", "mean"] = "foreground",
+    rate_clamp: tuple[float, float] | None = (0.8, 3.0),
+    max_effective_scale: float | None = 15.0,
+    smoothing: float | None = 0.5,
+) -> GuidanceResult:
+    """Apply per-region guidance scales: `pred_uncond + g * rate * (pred_cond - pred_uncond)` (steps 5-8).
+
+    Args:
+        pred_uncond (`torch.Tensor`): `[B, C, H, W]` unconditional prediction (ε, v or flow velocity alike: rates
+            are ratios of norms of the same difference).
+        pred_cond (`torch.Tensor`): `[B, C, H, W]` conditional prediction.
+        token_masks (`torch.Tensor`): `[B, T, h, w]` 0/1 region masks on the mask grid.
+        foreground_mask (`torch.Tensor`): `[B, 1, h, w]` 0/1 foreground on the mask grid.
+        guidance_scale (`float`): `g`.
+        benchmark (`str`): `"foreground"` (the paper) or `"mean"` (whole image, "S-CFG-mean").
+        rate_clamp, max_effective_scale, smoothing: see `finish_rate_map`.
+
+    Returns:
+        `GuidanceResult`.
+
+    With equal score norms in every region the rate is 1 and the result is plain CFG:
+
+    >>> u = torch.zeros(1, 4, 2, 2); c = torch.ones(1, 4, 2, 2)
+    >>> m = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]])
+    >>> torch.allclose(semantic_guidance(u, c, m, m[:, :1], 5.0).guided, u + 5.0 * (c - u))
+    True
+    """
+    size = pred_cond.shape[-2:]
+    # 5. masks to the latent grid.
+    token_masks = upsample_masks(token_masks.float(), size)
+    foreground_mask = upsample_masks(foreground_mask.float(), size)
+    # 6. per-region rates from per-pixel score norms, in float32 whatever the model's dtype.
+    score = pred_cond.float() - pred_uncond.float()
+    score_norm = torch.linalg.vector_norm(score, dim=1)
+    bench_mask = torch.ones_like(foreground_mask) if benchmark == "mean" else foreground_mask
+    rates, region_norms, bench_norm = region_rates(score_norm, token_masks, bench_mask)
+    rate = torch.einsum("bt,bthw->bhw", rates, token_masks)[:, None]
+    # 7. clamp, cap, smooth.
+    rate = finish_rate_map(rate, guidance_scale, rate_clamp, max_effective_scale, smoothing)
+    # 8. combine.
+    guided = pred_uncond.float() + guidance_scale * rate * score
+    return GuidanceResult(guided.to(pred_cond.dtype), rate, rates, region_norms, bench_norm)

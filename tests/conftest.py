@@ -1,0 +1,150 @@
+"""Tiny, offline Stable Diffusion pipelines built from configs, saved and reloaded like real checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before diffusers/transformers are imported
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+import torch
+
+WORDS = ["a", "red", "blue", "green", "cat", "dog", "circle", "square", "on", "left", "of", "the", "sofa"]
+
+
+def write_tokenizer(folder) -> None:
+    """A CLIP tokenizer whose vocabulary is whole words plus single characters; no merges needed."""
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for piece in [*string.ascii_lowercase, *(c + "</w>" for c in string.ascii_lowercase), *(w + "</w>" for w in WORDS)]:
+        vocab.setdefault(piece, len(vocab))
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    # Merges that build each word from its characters, so whole words become one token.
+    merges = ["#version: 0.2"]
+    seen = set()
+    for word in WORDS:
+        if len(word) < 2:
+            continue
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        while len(parts) > 1:
+            pair = (parts[0], parts[1])
+            merged = parts[0] + parts[1]
+            if pair not in seen:
+                seen.add(pair)
+                merges.append(f"{pair[0]} {pair[1]}")
+                vocab.setdefault(merged, len(vocab))
+            parts = [merged, *parts[2:]]
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("\n".join(merges) + "\n")
+    tokenizer = CLIPTokenizer(
+        os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"), model_max_length=77
+    )
+    tokenizer.save_pretrained(folder)
+
+
+def build_tiny_sd(folder, prediction_type: str = "epsilon") -> None:
+    """Save a tiny StableDiffusionPipeline whose UNet has cross-attention at latent/4 and latent/8."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    write_tokenizer(os.path.join(folder, "tokenizer_src"))
+    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer_src"))
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=2,
+        norm_num_groups=4,
+    )
+    # Sharpen the random attention so that maps have clear winners (random init is nearly uniform).
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if name.endswith(("to_q.weight", "to_k.weight")):
+                param.mul_(4.0)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+    )
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_path(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-sd")
+    build_tiny_sd(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_v_path(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-sd-v")
+    build_tiny_sd(str(folder), prediction_type="v_prediction")
+    return folder
+
+
+def load_pipe(path):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(path), use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def tiny_sd(tiny_sd_path):
+    """A fresh pipeline per test, loaded through `from_pretrained` (the real loading path)."""
+    return load_pipe(tiny_sd_path)
