@@ -84,16 +84,18 @@ def head_averaged_probs(
         query = attn.norm_q(query)
     if getattr(attn, "norm_k", None) is not None:
         key = attn.norm_k(key)
+    # float32 softmax (float64 for a float64 model): half-precision logits overflow.
+    dtype = torch.promote_types(query.dtype, torch.float32)
     bias = None
     if attention_mask is not None:
         bias = attn.prepare_attention_mask(attention_mask, num_keys, batch)
-        bias = bias.view(batch, heads, -1, bias.shape[-1]).float()
+        bias = bias.view(batch, heads, -1, bias.shape[-1]).to(dtype)
     scale = float(attn.scale)
     step = max(1, _CHUNK_ELEMENTS // max(1, batch * num_queries * num_keys))
-    total = torch.zeros(batch, num_queries, num_keys, dtype=torch.float32, device=x.device)
+    total = torch.zeros(batch, num_queries, num_keys, dtype=dtype, device=x.device)
     for start in range(0, heads, step):
         stop = min(heads, start + step)
-        scores = torch.matmul(query[:, start:stop].float(), key[:, start:stop].float().transpose(-1, -2)) * scale
+        scores = torch.matmul(query[:, start:stop].to(dtype), key[:, start:stop].to(dtype).transpose(-1, -2)) * scale
         if bias is not None:
             scores = scores + bias[:, start:stop]
         total += scores.softmax(dim=-1).sum(dim=1)

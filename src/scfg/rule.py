@@ -125,11 +125,14 @@ def semantic_guidance(
     True
     """
     size = pred_cond.shape[-2:]
+    # Everything below runs in float32 at least, whatever the model's dtype (float64 stays float64).
+    dtype = torch.promote_types(pred_cond.dtype, torch.float32)
     # 5. masks to the latent grid.
-    token_masks = upsample_masks(token_masks.float(), size)
-    foreground_mask = upsample_masks(foreground_mask.float(), size)
-    # 6. per-region rates from per-pixel score norms, in float32 whatever the model's dtype.
-    score = pred_cond.float() - pred_uncond.float()
+    token_masks = upsample_masks(token_masks.to(dtype), size)
+    foreground_mask = upsample_masks(foreground_mask.to(dtype), size)
+    # 6. per-region rates from per-pixel score norms.
+    pred_uncond_hi = pred_uncond.to(dtype)
+    score = pred_cond.to(dtype) - pred_uncond_hi
     score_norm = torch.linalg.vector_norm(score, dim=1)
     bench_mask = torch.ones_like(foreground_mask) if benchmark == "mean" else foreground_mask
     rates, region_norms, bench_norm = region_rates(score_norm, token_masks, bench_mask)
@@ -137,5 +140,5 @@ def semantic_guidance(
     # 7. clamp, cap, smooth.
     rate = finish_rate_map(rate, guidance_scale, rate_clamp, max_effective_scale, smoothing)
     # 8. combine.
-    guided = pred_uncond.float() + guidance_scale * rate * score
+    guided = pred_uncond_hi + guidance_scale * rate * score
     return GuidanceResult(guided.to(pred_cond.dtype), rate, rates, region_norms, bench_norm)

@@ -91,9 +91,9 @@ def smooth(maps: torch.Tensor, sigma: float | None, size: int = 3) -> torch.Tens
     if sigma is None:
         return maps
     dtype = maps.dtype
-    x = maps.float()
+    x = maps.to(torch.promote_types(dtype, torch.float32))
     b, c, h, w = x.shape
-    kernel = gaussian_kernel(sigma, size).to(x.device)
+    kernel = gaussian_kernel(sigma, size).to(x.device, x.dtype)
     pad = size // 2
     x = x.reshape(b * c, 1, h, w)
     x = F.pad(x, (pad, pad, 0, 0), mode="reflect" if w > pad else "replicate")
@@ -123,10 +123,10 @@ def layer_maps(
     """
     b, q, t = completed.shape
     # 2b. [B, Q, T] -> [B, T, h, w]; the query index runs over rows first, like the latent.
-    maps = completed.float().transpose(1, 2).reshape(b, t, grid[0], grid[1])
+    maps = completed.to(torch.promote_types(completed.dtype, torch.float32)).transpose(1, 2).reshape(b, t, grid[0], grid[1])
     if tuple(grid) != tuple(mask_grid):
         maps = F.interpolate(maps, size=mask_grid, mode="bilinear", align_corners=False)
-    # 2c. smoothing, in float32.
+    # 2c. smoothing, in float32 (or float64 for a float64 model).
     maps = smooth(maps, smoothing)
     # 2d. each token over its own spatial mean: attention to frequent tokens no longer wins everywhere.
     token = maps / (maps.mean(dim=(2, 3), keepdim=True) + _EPS)

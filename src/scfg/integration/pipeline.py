@@ -288,8 +288,9 @@ class SemanticGuidance:
                 "(uncond + rate * score), not the original one.",
             )
         # The pipeline computes uncond + g * (cond' - uncond); this cond' makes that uncond + g * rate * score.
-        score = pred_cond.float() - pred_uncond.float()
-        new_cond = (pred_uncond.float() + result.rate_map * score).to(pred.dtype)
+        dtype = result.rate_map.dtype
+        new_cond = pred_uncond.to(dtype) + result.rate_map * (pred_cond.to(dtype) - pred_uncond.to(dtype))
+        new_cond = new_cond.to(pred.dtype)
         if self.on_step is not None:
             self.on_step(
                 StepReport(
