@@ -64,8 +64,8 @@ def complete_cross_attention(
     return total / order
 
 
-def gaussian_kernel(sigma: float, size: int = 3) -> torch.Tensor:
-    """Return the normalised 1-D kernel `exp(-(d / (2 sigma))²)` of the released code (float32).
+def gaussian_kernel(sigma: float, size: int = 3, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Return the normalised 1-D kernel `exp(-(d / (2 sigma))²)` of the released code.
 
     Note the formula: `sigma = 0.5` gives weights `[0.2119, 0.5761, 0.2119]`, an effective standard deviation of
     about 0.707.
@@ -73,9 +73,9 @@ def gaussian_kernel(sigma: float, size: int = 3) -> torch.Tensor:
     >>> gaussian_kernel(0.5)
     tensor([0.2119, 0.5761, 0.2119])
     """
-    d = torch.arange(size, dtype=torch.float32) - (size - 1) / 2
+    d = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
     weights = torch.exp(-((d / (2 * sigma)) ** 2))
-    return weights / weights.sum()
+    return (weights / weights.sum()).to(dtype)
 
 
 def smooth(maps: torch.Tensor, sigma: float | None, size: int = 3) -> torch.Tensor:
@@ -93,7 +93,7 @@ def smooth(maps: torch.Tensor, sigma: float | None, size: int = 3) -> torch.Tens
     dtype = maps.dtype
     x = maps.to(torch.promote_types(dtype, torch.float32))
     b, c, h, w = x.shape
-    kernel = gaussian_kernel(sigma, size).to(x.device, x.dtype)
+    kernel = gaussian_kernel(sigma, size, x.dtype).to(x.device)
     pad = size // 2
     x = x.reshape(b * c, 1, h, w)
     x = F.pad(x, (pad, pad, 0, 0), mode="reflect" if w > pad else "replicate")

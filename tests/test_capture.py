@@ -1,0 +1,77 @@
+"""A single diffusers `Attention` module: capture matches a hand-written softmax and leaves the output alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from torch import nn
+
+from scfg import SCFGError
+from scfg.capture import AttentionCapture, grid_for, level_grid
+
+
+class Holder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = Attention(query_dim=8, heads=2, dim_head=4, cross_attention_dim=6)
+        self.attn.set_processor(AttnProcessor2_0())
+
+    def forward(self, x, context, mask=None):
+        return self.attn(x, encoder_hidden_states=context, attention_mask=mask)
+
+
+def manual_probs(attn, x, context, mask=None):
+    b = x.shape[0]
+    q = attn.to_q(x).view(b, -1, 2, 4).transpose(1, 2)
+    k = attn.to_k(context).view(b, -1, 2, 4).transpose(1, 2)
+    scores = q @ k.transpose(-1, -2) / 2.0
+    if mask is not None:
+        scores = scores + (1 - mask[:, None, None, :]) * -10000.0
+    return scores.softmax(-1).mean(1)
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_capture_matches_manual_softmax_and_keeps_output(with_mask):
+    holder = Holder()
+    x, context = torch.randn(2, 12, 8), torch.randn(2, 5, 6)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.float32) if with_mask else None
+    bias = (1 - mask[:, None, :]) * -10000.0 if with_mask else None
+    expected_out = holder(x, context, bias)
+    with AttentionCapture(holder, ["attn"]) as capture:
+        capture.begin((3, 4))
+        out = holder(x, context, bias)
+        captured = capture.finish()
+    assert torch.equal(out, expected_out)  # the processor still computes the output
+    assert captured is not None and captured.probs["attn"].shape == (2, 12, 5)
+    torch.testing.assert_close(captured.probs["attn"], manual_probs(holder.attn, x, context, mask), atol=1e-6, rtol=1e-5)
+    assert isinstance(holder.attn.processor, AttnProcessor2_0)
+    assert not holder.attn._forward_pre_hooks
+
+
+def test_capture_records_only_between_begin_and_finish():
+    holder = Holder()
+    x, context = torch.randn(1, 12, 8), torch.randn(1, 5, 6)
+    with AttentionCapture(holder, ["attn"]) as capture:
+        holder(x, context)
+        assert capture.current is None and capture.finish() is None
+        capture.begin((3, 4))
+        holder(x, context)
+        assert set(capture.finish().probs) == {"attn"}
+    assert capture.current is None
+
+
+def test_capture_rejects_unknown_layers():
+    with pytest.raises(SCFGError, match="unknown names"):
+        AttentionCapture(Holder(), ["attn", "nope.attn2"])
+
+
+def test_grid_for_ceil_divides_non_square_latents():
+    assert grid_for(17 * 23, (17, 23)) == (17, 23)
+    assert grid_for(9 * 12, (17, 23)) == (9, 12)
+    assert grid_for(5 * 6, (17, 23)) == (5, 6)
+    assert grid_for(5 * 7, (9, 13)) == (5, 7)
+    assert level_grid((17, 23), 4) == (5, 6)
+    with pytest.raises(SCFGError, match="17x23"):
+        grid_for(50, (17, 23))

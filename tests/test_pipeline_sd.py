@@ -1,0 +1,232 @@
+"""S-CFG on a stock StableDiffusionPipeline: relations between runs, restoration, and what is (not) captured."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DEISMultistepScheduler,
+    DPMSolverMultistepScheduler,
+    DPMSolverSinglestepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    KDPM2DiscreteScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+    UniPCMultistepScheduler,
+)
+
+import scfg
+from scfg import SCFGConfig, SCFGError
+
+H, W = 64, 96
+
+
+def latents_for(n, seed=0, h=H, w=W):
+    return torch.randn(n, 4, h // 2, w // 2, generator=torch.Generator().manual_seed(seed))
+
+
+def run(pipe, prompt, latents, **kwargs):
+    kwargs.setdefault("num_inference_steps", 3)
+    kwargs.setdefault("guidance_scale", 7.5)
+    height, width = latents.shape[-2] * 2, latents.shape[-1] * 2
+    return pipe(prompt, height=height, width=width, latents=latents.clone(), output_type="latent", **kwargs).images
+
+
+def snapshot(pipe):
+    unet = pipe.unet
+    hooks = {
+        name: (dict(m._forward_pre_hooks), dict(m._forward_hooks))
+        for name, m in unet.named_modules()
+        if m._forward_pre_hooks or m._forward_hooks
+    }
+    return dict(unet.attn_processors), hooks, {k: v for k, v in vars(pipe).items() if callable(v)}
+
+
+def assert_restored(pipe, before):
+    processors, hooks, attrs = snapshot(pipe)
+    assert processors.keys() == before[0].keys()
+    assert all(processors[k] is before[0][k] for k in processors)
+    assert hooks == before[1]
+    assert attrs == before[2] and "encode_prompt" not in vars(pipe)
+
+
+def test_forced_unit_rate_equals_plain_cfg(tiny_sd):
+    latents = latents_for(2)
+    plain = run(tiny_sd, ["a red cat", "a blue dog on the sofa"], latents)
+    config = SCFGConfig(rate_clamp=(1.0, 1.0), max_effective_scale=None)
+    with scfg.enable(tiny_sd, config):
+        forced = run(tiny_sd, ["a red cat", "a blue dog on the sofa"], latents)
+    torch.testing.assert_close(forced, plain, rtol=1e-5, atol=1e-5)  # float32 rounding of cond' only
+
+
+def test_scfg_changes_the_output(tiny_sd):
+    latents = latents_for(1)
+    plain = run(tiny_sd, "a red cat", latents)
+    with scfg.enable(tiny_sd):
+        ours = run(tiny_sd, "a red cat", latents)
+    assert not torch.allclose(ours, plain, atol=1e-4)
+
+
+def test_masks_are_per_sample_in_batches(tiny_sd):
+    prompts = ["a red cat on the sofa", "a blue dog"]
+    latents = latents_for(4, seed=1)
+    recorder = scfg.Recorder()
+    with scfg.enable(tiny_sd, on_step=recorder):
+        batched = run(tiny_sd, prompts, latents, num_images_per_prompt=2, negative_prompt=["green", "the"])
+        singles = [
+            run(tiny_sd, prompts[i // 2], latents[i : i + 1], negative_prompt=["green", "the"][i // 2])
+            for i in range(4)
+        ]
+    torch.testing.assert_close(batched, torch.cat(singles), rtol=1e-4, atol=1e-5)
+    masks = recorder.steps[2].token_masks  # first batched step
+    assert masks.shape[0] == 4
+    assert not torch.equal(masks[0], masks[2])
+    assert recorder.steps[0].tokens[0][1:4] == ["a</w>", "red</w>", "cat</w>"]
+    assert recorder.steps[0].tokens[2][1:4] == ["a</w>", "blue</w>", "dog</w>"]
+
+
+def test_restores_pipeline_after_run(tiny_sd):
+    before = snapshot(tiny_sd)
+    with scfg.enable(tiny_sd):
+        run(tiny_sd, "a cat", latents_for(1))
+        assert snapshot(tiny_sd)[0].keys() == before[0].keys()
+    assert_restored(tiny_sd, before)
+
+
+def test_restores_pipeline_after_exception_in_callback(tiny_sd):
+    before = snapshot(tiny_sd)
+
+    def explode(pipe, step, timestep, kwargs):
+        if step == 1:
+            raise RuntimeError("boom")
+        return kwargs
+
+    guard = scfg.enable(tiny_sd)
+    with pytest.raises(RuntimeError, match="boom"), guard:
+        run(tiny_sd, "a cat", latents_for(1), callback_on_step_end=explode)
+    assert_restored(tiny_sd, before)
+    assert guard._capture.current is None
+    # the pipeline still works, unpatched
+    run(tiny_sd, "a cat", latents_for(1))
+
+
+def test_guidance_scale_one_captures_nothing(tiny_sd, monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("attention maps computed without CFG")
+
+    monkeypatch.setattr("scfg.capture.head_averaged_probs", forbidden)
+    recorder = scfg.Recorder()
+    latents = latents_for(1)
+    plain = run(tiny_sd, "a cat", latents, guidance_scale=1.0)
+    with scfg.enable(tiny_sd, on_step=recorder):
+        ours = run(tiny_sd, "a cat", latents, guidance_scale=1.0)
+    assert recorder.steps == []
+    assert torch.equal(ours, plain)
+
+
+def test_step_fractions_limit_guided_steps(tiny_sd):
+    recorder = scfg.Recorder()
+    with scfg.enable(tiny_sd, SCFGConfig(start_fraction=0.25, stop_fraction=0.75), on_step=recorder):
+        run(tiny_sd, "a cat", latents_for(1), num_inference_steps=8)
+    assert [r.step for r in recorder.steps] == [2, 3, 4, 5]
+
+
+def test_words_only_regions_exclude_special_tokens(tiny_sd):
+    recorder = scfg.Recorder()
+    with scfg.enable(tiny_sd, SCFGConfig(region_tokens="words"), on_step=recorder):
+        run(tiny_sd, "a red cat", latents_for(1))
+    owners = recorder.steps[-1].token_masks[0].flatten(1).any(dim=1).nonzero().flatten().tolist()
+    assert owners and set(owners) <= {1, 2, 3}
+
+
+def test_prompt_embeds_without_text(tiny_sd):
+    cond, uncond = tiny_sd.encode_prompt("a red cat", "cpu", 1, True, "green")
+    latents = latents_for(1)
+    with_text = None
+    recorder = scfg.Recorder()
+    with scfg.enable(tiny_sd, on_step=recorder):
+        with_embeds = run(tiny_sd, None, latents, prompt_embeds=cond, negative_prompt_embeds=uncond)
+        with_text = run(tiny_sd, "a red cat", latents, negative_prompt="green")
+    torch.testing.assert_close(with_embeds, with_text)
+    assert recorder.steps[0].tokens is None and recorder.steps[-1].tokens is not None
+
+
+def test_non_square_odd_latent(tiny_sd):
+    recorder = scfg.Recorder()
+    latents = latents_for(1, h=72, w=104)  # latent 36x52 -> 9x13 -> 5x7
+    with scfg.enable(tiny_sd, on_step=recorder):
+        out = run(tiny_sd, "a cat", latents)
+    assert out.shape == (1, 4, 36, 52) and torch.isfinite(out).all()
+    assert recorder.steps[0].token_masks.shape[-2:] == (9, 13)
+    assert recorder.steps[0].rate_map.shape[-2:] == (36, 52)
+
+
+def test_v_prediction_pipeline(tiny_sd_v_path):
+    from conftest import load_pipe
+
+    pipe = load_pipe(tiny_sd_v_path)
+    recorder = scfg.Recorder()
+    with scfg.enable(pipe, on_step=recorder):
+        out = run(pipe, "a cat", latents_for(1))
+    assert torch.isfinite(out).all() and len(recorder.steps) == 3
+
+
+def test_guidance_rescale_warns_once(tiny_sd, caplog):
+    with caplog.at_level(logging.WARNING, logger="scfg"), scfg.enable(tiny_sd):
+        run(tiny_sd, "a cat", latents_for(1), guidance_rescale=0.7)
+    assert sum("guidance_rescale" in r.message for r in caplog.records) == 1
+
+
+def test_nested_enable_is_refused_and_outer_survives(tiny_sd):
+    before = snapshot(tiny_sd)
+    with scfg.enable(tiny_sd):
+        with pytest.raises(SCFGError, match="another `scfg.enable`"), scfg.enable(tiny_sd):
+            pass
+        recorder = scfg.Recorder()
+    assert_restored(tiny_sd, before)
+    del recorder
+
+
+def test_unsupported_pipeline_names_supported_families():
+    class NotAPipeline:
+        unet = torch.nn.Linear(2, 2)
+
+    with pytest.raises(SCFGError, match="sd_unet"):
+        scfg.enable(NotAPipeline())
+
+
+def test_missing_level_is_reported(tiny_sd):
+    with pytest.raises(SCFGError, match=r"latent/2"):
+        scfg.enable(tiny_sd, SCFGConfig(levels=(2, 4)))
+
+
+SCHEDULERS = [
+    DDIMScheduler,
+    DDPMScheduler,
+    DEISMultistepScheduler,
+    DPMSolverMultistepScheduler,
+    DPMSolverSinglestepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    KDPM2DiscreteScheduler,
+    LMSDiscreteScheduler,
+    PNDMScheduler,
+    UniPCMultistepScheduler,
+]
+
+
+@pytest.mark.parametrize("scheduler_cls", SCHEDULERS, ids=lambda c: c.__name__)
+def test_every_scheduler(tiny_sd, scheduler_cls):
+    tiny_sd.scheduler = scheduler_cls.from_config(tiny_sd.scheduler.config)
+    recorder = scfg.Recorder()
+    with scfg.enable(tiny_sd, on_step=recorder):
+        out = run(tiny_sd, "a red cat", latents_for(1), num_inference_steps=4)
+    assert torch.isfinite(out).all()
+    assert recorder.steps and all(r.step is not None for r in recorder.steps)
