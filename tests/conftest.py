@@ -20,7 +20,11 @@ def write_tokenizer(folder) -> None:
     from transformers import CLIPTokenizer
 
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for piece in [*string.ascii_lowercase, *(c + "</w>" for c in string.ascii_lowercase), *(w + "</w>" for w in WORDS)]:
+    for piece in [
+        *string.ascii_lowercase,
+        *(c + "</w>" for c in string.ascii_lowercase),
+        *(w + "</w>" for w in WORDS),
+    ]:
         vocab.setdefault(piece, len(vocab))
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "vocab.json"), "w") as f:
@@ -31,7 +35,7 @@ def write_tokenizer(folder) -> None:
     for word in WORDS:
         if len(word) < 2:
             continue
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        parts = [*list(word[:-1]), word[-1] + "</w>"]
         while len(parts) > 1:
             pair = (parts[0], parts[1])
             merged = parts[0] + parts[1]

@@ -104,11 +104,11 @@ def reference_maps(probs, layers, latent_hw, sample, completion="official", orde
 
 def reference_rate(eps_u, eps_c, token_masks, fg_mask, g, clamp=(0.8, 3.0), cap=15.0, smoothing=True):
     """Rate map [H, W] for one sample; masks on the mask grid, nearest-upsampled here pixel by pixel."""
-    C, H, W = eps_c.shape
+    _C, H, W = eps_c.shape
     T, h, w = token_masks.shape
     # nearest: source index floor(dst * in / out)
-    ys = [min(int(math.floor(y * h / H)), h - 1) for y in range(H)]
-    xs = [min(int(math.floor(x * w / W)), w - 1) for x in range(W)]
+    ys = [min(math.floor(y * h / H), h - 1) for y in range(H)]
+    xs = [min(math.floor(x * w / W), w - 1) for x in range(W)]
     tm = token_masks[:, ys][:, :, xs]
     fm = fg_mask[ys][:, xs]
     eta = eps_c.double() - eps_u.double()
@@ -141,10 +141,12 @@ def reference_step(probs, layers, latent_hw, eps, g, preset="official"):
     eps_u, eps_c = eps[:b].double(), eps[b:].double()
     out, all_masks, all_fg, all_rates, all_maps = [], [], [], [], []
     for i in range(b):
-        tok_c, _ = reference_maps(probs, layers, latent_hw, b + i, "official" if official else "power_mean",
-                                  smoothing=official)
-        _, fg_u = reference_maps(probs, layers, latent_hw, i, "official" if official else "power_mean",
-                                 smoothing=official)
+        tok_c, _ = reference_maps(
+            probs, layers, latent_hw, b + i, "official" if official else "power_mean", smoothing=official
+        )
+        _, fg_u = reference_maps(
+            probs, layers, latent_hw, i, "official" if official else "power_mean", smoothing=official
+        )
         best = tok_c.max(dim=0).values
         if official:
             masks = (tok_c == best).double()  # ties: multi-hot
@@ -156,8 +158,14 @@ def reference_step(probs, layers, latent_hw, eps, g, preset="official"):
                     masks[idx[y, x], y, x] = 1.0
         fg = (fg_u[1] > fg_u[0]).double()
         rate, rates = reference_rate(
-            eps_u[i], eps_c[i], masks, fg, g,
-            clamp=(0.8, 3.0) if official else None, cap=15.0 if official else None, smoothing=official,
+            eps_u[i],
+            eps_c[i],
+            masks,
+            fg,
+            g,
+            clamp=(0.8, 3.0) if official else None,
+            cap=15.0 if official else None,
+            smoothing=official,
         )
         out.append(eps_u[i] + g * rate * (eps_c[i] - eps_u[i]))
         all_masks.append(masks)

@@ -198,7 +198,10 @@ def test_rule_properties(seed, tokens, h, w, g, scale):
     maps = torch.rand(2, tokens, h, w, generator=gen, dtype=torch.float64)
     masks = assign_regions(maps, tie_break="first")
     assert torch.all(masks.sum(dim=1) == 1)  # a partition of the grid
-    u, c = torch.randn(2, 4, h, w, generator=gen, dtype=torch.float64), torch.randn(2, 4, h, w, generator=gen, dtype=torch.float64)
+    u, c = (
+        torch.randn(2, 4, h, w, generator=gen, dtype=torch.float64),
+        torch.randn(2, 4, h, w, generator=gen, dtype=torch.float64),
+    )
     fg = foreground_mask(torch.rand(2, 2, h, w, generator=gen, dtype=torch.float64))
     result = semantic_guidance(u, c, masks, fg, g)
     low, high = 0.8, min(3.0, 15.0 / g)
@@ -267,8 +270,12 @@ def test_pure_modules_import_neither_diffusers_nor_transformers():
         "sys.exit(1 if bad else 0)"
     )
     # scfg/__init__ imports the integration; import the submodules without running it.
-    code = "import importlib.util, sys, types; " + (
-        "spec = importlib.util.find_spec('scfg'); pkg = types.ModuleType('scfg'); "
-        "pkg.__path__ = list(spec.submodule_search_locations); sys.modules['scfg'] = pkg; "
-    ) + code
+    code = (
+        "import importlib.util, sys, types; "
+        + (
+            "spec = importlib.util.find_spec('scfg'); pkg = types.ModuleType('scfg'); "
+            "pkg.__path__ = list(spec.submodule_search_locations); sys.modules['scfg'] = pkg; "
+        )
+        + code
+    )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

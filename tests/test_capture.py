@@ -45,7 +45,9 @@ def test_capture_matches_manual_softmax_and_keeps_output(with_mask):
         captured = capture.finish()
     assert torch.equal(out, expected_out)  # the processor still computes the output
     assert captured is not None and captured.probs["attn"].shape == (2, 12, 5)
-    torch.testing.assert_close(captured.probs["attn"], manual_probs(holder.attn, x, context, mask), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        captured.probs["attn"], manual_probs(holder.attn, x, context, mask), atol=1e-6, rtol=1e-5
+    )
     assert isinstance(holder.attn.processor, AttnProcessor2_0)
     assert not holder.attn._forward_pre_hooks
 

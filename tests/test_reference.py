@@ -49,7 +49,9 @@ def reference_sample(path, scheduler_name, guidance_scale, steps, latents, prese
         for t in scheduler.timesteps:
             inp = scheduler.scale_model_input(torch.cat([x, x]), t)
             eps = pipe.unet(inp, t, encoder_hidden_states=embeds).sample
-            guided, masks, fg, rates, _ = reference_step(store, LAYERS, tuple(x.shape[-2:]), eps, guidance_scale, preset)
+            guided, masks, fg, rates, _ = reference_step(
+                store, LAYERS, tuple(x.shape[-2:]), eps, guidance_scale, preset
+            )
             history.append((masks, fg, rates))
             x = scheduler.step(guided, t, x).prev_sample
     return x, history
@@ -102,6 +104,7 @@ def test_paper_preset_matches_float64_reference(tiny_sd_path):
     ref, history = reference_sample(tiny_sd_path, "ddim", 5.0, steps, latents, "paper", n)
     for report, (masks, fg, rates) in zip(reports, history, strict=True):
         assert torch.equal(report.token_masks, masks.bool())
+        assert torch.equal(report.foreground_mask[:, 0], fg.bool())
         # the paper's regions partition the grid
         assert torch.all(report.token_masks.sum(dim=1) == 1)
         relative_close(report.token_rates, rates)

@@ -141,7 +141,11 @@ class SCFGConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Return the config as JSON-compatible values (tuples become lists)."""
-        return {f.name: list(v) if isinstance(v, tuple) else v for f in dataclasses.fields(self) for v in [getattr(self, f.name)]}
+        return {
+            f.name: list(v) if isinstance(v, tuple) else v
+            for f in dataclasses.fields(self)
+            for v in [getattr(self, f.name)]
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SCFGConfig:

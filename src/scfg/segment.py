@@ -121,9 +121,13 @@ def layer_maps(
         `tuple[torch.Tensor, torch.Tensor]`: token maps `[B, T, h, w]` (each divided by its spatial mean) and
         foreground maps `[B, 2, h, w]` (start token, sum of all other tokens; each divided by its spatial mean).
     """
-    b, q, t = completed.shape
+    b, _q, t = completed.shape
     # 2b. [B, Q, T] -> [B, T, h, w]; the query index runs over rows first, like the latent.
-    maps = completed.to(torch.promote_types(completed.dtype, torch.float32)).transpose(1, 2).reshape(b, t, grid[0], grid[1])
+    maps = (
+        completed.to(torch.promote_types(completed.dtype, torch.float32))
+        .transpose(1, 2)
+        .reshape(b, t, grid[0], grid[1])
+    )
     if tuple(grid) != tuple(mask_grid):
         maps = F.interpolate(maps, size=mask_grid, mode="bilinear", align_corners=False)
     # 2c. smoothing, in float32 (or float64 for a float64 model).

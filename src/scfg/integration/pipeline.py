@@ -202,8 +202,11 @@ class SemanticGuidance:
             fraction = step / num_steps
             if not self.config.start_fraction <= fraction < self.config.stop_fraction:
                 return
-        self._step = (step, float(torch.as_tensor(timestep).flatten()[0]) if timestep is not None else 0.0,
-                      guidance_scale)
+        self._step = (
+            step,
+            float(torch.as_tensor(timestep).flatten()[0]) if timestep is not None else 0.0,
+            guidance_scale,
+        )
         self._capture.begin(self.family.latent_hw(args, kwargs))
 
     def _step_index(self, timestep: Any) -> tuple[int | None, int]:

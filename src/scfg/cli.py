@@ -1,0 +1,291 @@
+"""The `scfg` command line: `scfg generate` and `scfg compare`. No algorithm here."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import typing
+from pathlib import Path
+from typing import Any
+
+from .config import SCFGConfig, SCFGError
+
+__all__ = ["main"]
+
+logger = logging.getLogger(__name__)
+
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "dpm++-karras": "DPMSolverMultistepScheduler",
+    "dpm-single": "DPMSolverSinglestepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler-a": "EulerAncestralDiscreteScheduler",
+    "heun": "HeunDiscreteScheduler",
+    "lms": "LMSDiscreteScheduler",
+    "pndm": "PNDMScheduler",
+    "unipc": "UniPCMultistepScheduler",
+    "deis": "DEISMultistepScheduler",
+}
+
+
+def default_model() -> str | None:
+    """The model used when `--model` is not given (none until a demo model ships)."""
+    return None
+
+
+# -- argument parsing ---------------------------------------------------------------------------------------------
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per SCFGConfig field, generated from the dataclass so that help text has one source."""
+    group = parser.add_argument_group("S-CFG knobs (override the preset; see the README for each)")
+    hints = typing.get_type_hints(SCFGConfig)
+    for f in dataclasses.fields(SCFGConfig):
+        flag = "--" + f.name.replace("_", "-")
+        hint = hints[f.name]
+        origin = typing.get_origin(hint)
+        args = typing.get_args(hint)
+        kwargs: dict[str, Any] = {"dest": f"cfg_{f.name}", "default": argparse.SUPPRESS}
+        if origin is typing.Literal:
+            kwargs["choices"] = list(args)
+        elif f.name in ("levels",):
+            kwargs.update(type=int, nargs="+")
+        elif f.name == "rate_clamp":
+            kwargs.update(type=_optional_float, nargs=2, metavar=("LOW", "HIGH"))
+        elif int in args or hint is int:
+            kwargs["type"] = int
+        else:
+            kwargs["type"] = _optional_float
+        group.add_argument(flag, help=f"default from the preset ({getattr(SCFGConfig(), f.name)!r})", **kwargs)
+    group.add_argument("--no-rate-clamp", action="store_true", help="disable the rate clamp")
+
+
+def _optional_float(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt_arg", nargs="?", metavar="PROMPT", help="the prompt (or use --prompt)")
+    parser.add_argument("--prompt", help="the prompt")
+    parser.add_argument("--negative-prompt", default=None)
+    parser.add_argument("--model", default=None, help="hub id or local diffusers folder (safetensors weights)")
+    parser.add_argument("--scale", type=float, default=7.5, help="guidance scale g (default 7.5)")
+    parser.add_argument("--steps", type=int, default=30, help="num_inference_steps (default 30)")
+    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="default: the model's own")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--height", type=int, default=None)
+    parser.add_argument("--width", type=int, default=None)
+    parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    parser.add_argument("--preset", choices=["official", "paper"], default="official")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        default=None,
+        help="default: float16 on cuda, float32 on cpu",
+    )
+    parser.add_argument("--out", default="out", help="output folder, or a .png path")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing files")
+    _add_config_flags(parser)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="scfg", description="Semantic-aware classifier-free guidance (S-CFG).")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate images with S-CFG (or plain CFG)")
+    _common(gen)
+    gen.add_argument("--guidance", choices=["scfg", "cfg"], default="scfg")
+    cmp_ = sub.add_parser("compare", help="CFG and S-CFG side by side (same seed) plus the final region map")
+    _common(cmp_)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> SCFGConfig:
+    # Flags default to SUPPRESS, so only the ones given appear (and "none" can mean None).
+    overrides = {
+        f.name: getattr(args, f"cfg_{f.name}")
+        for f in dataclasses.fields(SCFGConfig)
+        if hasattr(args, f"cfg_{f.name}")
+    }
+    if "levels" in overrides:
+        overrides["levels"] = tuple(overrides["levels"])
+    if "rate_clamp" in overrides:
+        overrides["rate_clamp"] = tuple(overrides["rate_clamp"])
+    if args.no_rate_clamp:
+        overrides["rate_clamp"] = None
+    return SCFGConfig.preset(args.preset, **overrides)
+
+
+# -- running ---------------------------------------------------------------------------------------------------
+
+
+def load_pipeline(model: str, device: str | None = None, dtype: str | None = None) -> Any:
+    """Load a diffusers pipeline from a hub id or a local folder, safetensors only, no remote code."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = dtype or ("float16" if device.startswith("cuda") else "float32")
+    looks_local = os.path.isabs(model) or model.startswith((".", "~")) or os.path.exists(model)
+    if looks_local and not os.path.isfile(os.path.join(os.path.expanduser(model), "model_index.json")):
+        raise SCFGError(
+            f"Expected `--model` to be a diffusers folder with a model_index.json, but got {model!r}. "
+            "Pass a folder written by `save_pretrained` or a hub id."
+        )
+    try:
+        pipe = DiffusionPipeline.from_pretrained(
+            os.path.expanduser(model) if looks_local else model,
+            torch_dtype=getattr(torch, dtype),
+            use_safetensors=True,
+        )
+    except OSError as err:
+        raise SCFGError(f"Could not load model {model!r}: {err}. Offline? Pass a local folder instead.") from err
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=False, leave=False)
+    return pipe
+
+
+def set_scheduler(pipe: Any, name: str | None) -> None:
+    if name is None:
+        return
+    import diffusers
+
+    cls = getattr(diffusers, SCHEDULERS[name])
+    extra = {"use_karras_sigmas": True} if name.endswith("karras") else {}
+    pipe.scheduler = cls.from_config(pipe.scheduler.config, **extra)
+
+
+def _prompt(args: argparse.Namespace) -> str:
+    prompt = args.prompt if args.prompt is not None else args.prompt_arg
+    if prompt is None:
+        raise SCFGError('Expected a prompt, but got none. Pass it as `scfg generate "a red circle"` or --prompt.')
+    return prompt
+
+
+def _output_paths(out: str, stem: str, count: int, overwrite: bool) -> list[Path]:
+    target = Path(out)
+    if target.suffix.lower() == ".png":
+        target.parent.mkdir(parents=True, exist_ok=True)
+        paths = [target] if count == 1 else [target.with_name(f"{target.stem}-{i}.png") for i in range(count)]
+    else:
+        if target.exists() and not target.is_dir():
+            raise SCFGError(f"Expected `--out` to be a folder or a .png path, but {out!r} is a file.")
+        target.mkdir(parents=True, exist_ok=True)
+        paths = [target / f"{stem}-{i}.png" for i in range(count)]
+    existing = [str(p) for p in paths if p.exists()]
+    if existing and not overwrite:
+        raise SCFGError(f"Expected new output files, but {existing} exist. Pass --overwrite or another --out.")
+    return paths
+
+
+def _png_info(metadata: dict[str, Any]):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", json.dumps(metadata, sort_keys=True))
+    return info
+
+
+def _generate(pipe: Any, args: argparse.Namespace, prompt: str, config: SCFGConfig | None, on_step=None):
+    import torch
+
+    from .integration import enable
+
+    kwargs = dict(
+        prompt=prompt,
+        negative_prompt=args.negative_prompt,
+        guidance_scale=args.scale,
+        num_inference_steps=args.steps,
+        num_images_per_prompt=args.num_images,
+        height=args.height,
+        width=args.width,
+        generator=torch.Generator("cpu").manual_seed(args.seed),
+    )
+    if config is None:
+        return pipe(**kwargs).images
+    with enable(pipe, config, on_step=on_step):
+        return pipe(**kwargs).images
+
+
+def _metadata(args: argparse.Namespace, prompt: str, guidance: str, config: SCFGConfig | None) -> dict[str, Any]:
+    from . import __version__
+
+    return {
+        "prompt": prompt,
+        "negative_prompt": args.negative_prompt,
+        "model": args.model,
+        "guidance": guidance,
+        "guidance_scale": args.scale,
+        "num_inference_steps": args.steps,
+        "scheduler": args.scheduler,
+        "seed": args.seed,
+        "height": args.height,
+        "width": args.width,
+        "scfg_config": config.to_dict() if config is not None else None,
+        "scfg_version": __version__,
+    }
+
+
+def cmd_generate(args: argparse.Namespace) -> list[Path]:
+    prompt = _prompt(args)
+    config = config_from_args(args) if args.guidance == "scfg" else None
+    paths = _output_paths(args.out, f"{args.guidance}-seed{args.seed}", args.num_images, args.overwrite)
+    pipe = load_pipeline(args.model, args.device, args.dtype)
+    set_scheduler(pipe, args.scheduler)
+    images = _generate(pipe, args, prompt, config)
+    info = _png_info(_metadata(args, prompt, args.guidance, config))
+    for image, path in zip(images, paths, strict=True):
+        image.save(path, pnginfo=info)
+        print(path)
+    return paths
+
+
+def cmd_compare(args: argparse.Namespace) -> list[Path]:
+    from .diagnostics import Recorder
+    from .viz import compare_panel
+
+    prompt = _prompt(args)
+    config = config_from_args(args)
+    paths = _output_paths(args.out, f"compare-seed{args.seed}", args.num_images, args.overwrite)
+    pipe = load_pipeline(args.model, args.device, args.dtype)
+    set_scheduler(pipe, args.scheduler)
+    cfg_images = _generate(pipe, args, prompt, None)
+    recorder = Recorder(max_steps=1)
+    scfg_images = _generate(pipe, args, prompt, config, on_step=recorder)
+    last = recorder.steps[-1] if recorder.steps else None
+    info = _png_info(_metadata(args, prompt, "compare", config))
+    for i, path in enumerate(paths):
+        panel = compare_panel(cfg_images[i], scfg_images[i], last, i, args.scale)
+        panel.save(path, pnginfo=info)
+        print(path)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if args.model is None:
+        args.model = default_model()
+        if args.model is None:
+            parser.error("--model is required: a hub id or a local diffusers folder")
+    try:
+        if args.command == "generate":
+            cmd_generate(args)
+        else:
+            cmd_compare(args)
+    except SCFGError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

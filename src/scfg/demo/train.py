@@ -1,0 +1,299 @@
+"""Train the demo model from scratch on CPU: `python -m scfg.demo.train --work DIR [--export FOLDER]`.
+
+Two phases, both resumable from `DIR/ckpt.pt` (written every `--checkpoint-minutes`):
+
+1. a small `AutoencoderKL` (64x64x3 images <-> 32x32x4 latents), reconstruction MSE plus a tiny KL term;
+2. a `UNet2DConditionModel` (cross-attention at latent/4 and latent/8 only, as in SD's recipe) and a 2-layer
+   `CLIPTextModel` trained jointly on the frozen autoencoder's latents, epsilon objective, 10% caption dropout for
+   CFG, an EMA of both.
+
+`--export FOLDER` writes a standard `StableDiffusionPipeline` folder (safetensors) from the EMA weights.
+Scenes are drawn on the fly from `scfg.demo.data` with a fixed seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import sample_scene, write_tokenizer
+
+logger = logging.getLogger("scfg.demo.train")
+
+IMAGE_SIZE = 64
+MAX_TOKENS = 24
+
+
+def build_vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=IMAGE_SIZE,
+        mid_block_add_attention=False,
+    )
+
+
+def build_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 2,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64, 96, 128),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=4,
+        norm_num_groups=16,
+    )
+
+
+def build_text_encoder(vocab_size: int):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=MAX_TOKENS,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
+
+
+def build_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="squaredcos_cap_v2",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        timestep_spacing="trailing",
+    )
+
+
+def batch(rng: np.random.Generator, size: int) -> tuple[torch.Tensor, list[str]]:
+    scenes = [sample_scene(rng) for _ in range(size)]
+    images = torch.from_numpy(np.stack([s.image for s in scenes])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return images, [s.caption for s in scenes]
+
+
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+            e.lerp_(p, 1 - decay)
+
+
+class Trainer:
+    def __init__(self, args: argparse.Namespace) -> None:
+        from transformers import CLIPTokenizer
+
+        self.args = args
+        os.makedirs(args.work, exist_ok=True)
+        tok_dir = os.path.join(args.work, "tokenizer")
+        if not os.path.exists(os.path.join(tok_dir, "vocab.json")):
+            write_tokenizer(tok_dir, MAX_TOKENS)
+        self.tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+        torch.manual_seed(args.seed)
+        self.vae = build_vae()
+        self.unet = build_unet()
+        self.text_encoder = build_text_encoder(len(self.tokenizer))
+        self.scheduler = build_scheduler()
+        self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=1e-3, weight_decay=0.0)
+        params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
+        self.opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
+        self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
+        self.ema_text = copy.deepcopy(self.text_encoder).requires_grad_(False)
+        self.state = {"vae_step": 0, "step": 0, "scaling_factor": None, "seconds": 0.0, "losses": []}
+        self.rng = np.random.default_rng(args.seed)
+        self.path = os.path.join(args.work, "ckpt.pt")
+        if os.path.exists(self.path):
+            self.load()
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
+
+    def save(self) -> None:
+        blob = {
+            "vae": self.vae.state_dict(),
+            "unet": self.unet.state_dict(),
+            "text_encoder": self.text_encoder.state_dict(),
+            "ema_unet": self.ema_unet.state_dict(),
+            "ema_text": self.ema_text.state_dict(),
+            "vae_opt": self.vae_opt.state_dict(),
+            "opt": self.opt.state_dict(),
+            "state": self.state,
+            "rng": self.rng.bit_generator.state,
+            "torch_rng": torch.get_rng_state(),
+        }
+        tmp = self.path + ".tmp"
+        torch.save(blob, tmp)
+        os.replace(tmp, self.path)
+
+    def load(self) -> None:
+        blob = torch.load(self.path, weights_only=False)  # our own checkpoint, written by save()
+        self.vae.load_state_dict(blob["vae"])
+        self.unet.load_state_dict(blob["unet"])
+        self.text_encoder.load_state_dict(blob["text_encoder"])
+        self.ema_unet.load_state_dict(blob["ema_unet"])
+        self.ema_text.load_state_dict(blob["ema_text"])
+        self.vae_opt.load_state_dict(blob["vae_opt"])
+        self.opt.load_state_dict(blob["opt"])
+        self.state = blob["state"]
+        self.rng.bit_generator.state = blob["rng"]
+        torch.set_rng_state(blob["torch_rng"])
+        logger.info("resumed at vae step %d, step %d", self.state["vae_step"], self.state["step"])
+
+    # -- phases ---------------------------------------------------------------------------------------------------
+
+    def train_vae(self) -> None:
+        args, last_save, ema_loss = self.args, time.time(), None
+        while self.state["vae_step"] < args.vae_steps:
+            t0 = time.time()
+            images, _ = batch(self.rng, args.vae_batch)
+            dist = self.vae.encode(images).latent_dist
+            recon = self.vae.decode(dist.sample()).sample
+            loss = F.mse_loss(recon, images) + 1e-6 * dist.kl().mean()
+            self.vae_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.vae_opt.step()
+            self.state["vae_step"] += 1
+            self.state["seconds"] += time.time() - t0
+            ema_loss = loss.item() if ema_loss is None else 0.95 * ema_loss + 0.05 * loss.item()
+            if self.state["vae_step"] % 50 == 0:
+                logger.info("vae step %d loss %.5f (%.2f s/step)", self.state["vae_step"], ema_loss, time.time() - t0)
+            if time.time() - last_save > args.checkpoint_minutes * 60:
+                self.save()
+                last_save = time.time()
+        if self.state["scaling_factor"] is None:
+            with torch.no_grad():
+                images, _ = batch(self.rng, 256)
+                latents = self.vae.encode(images).latent_dist.mean
+            self.state["scaling_factor"] = float(1.0 / latents.std())
+            logger.info("vae scaling factor %.4f", self.state["scaling_factor"])
+            self.save()
+
+    def encode_text(self, encoder: torch.nn.Module, captions: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(
+            captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
+        ).input_ids
+        return encoder(ids)[0]
+
+    def train_diffusion(self) -> None:
+        args, last_save, ema_loss = self.args, time.time(), None
+        self.vae.requires_grad_(False).eval()
+        sf = self.state["scaling_factor"]
+        while self.state["step"] < args.steps:
+            t0 = time.time()
+            images, captions = batch(self.rng, args.batch)
+            captions = [c if self.rng.random() >= args.caption_dropout else "" for c in captions]
+            with torch.no_grad():
+                latents = self.vae.encode(images).latent_dist.mean * sf
+            noise = torch.randn_like(latents)
+            t = torch.randint(0, self.scheduler.config.num_train_timesteps, (latents.shape[0],))
+            noisy = self.scheduler.add_noise(latents, noise, t)
+            lr = args.lr * min(1.0, (self.state["step"] + 1) / 200)
+            for group in self.opt.param_groups:
+                group["lr"] = lr
+            pred = self.unet(noisy, t, encoder_hidden_states=self.encode_text(self.text_encoder, captions)).sample
+            loss = F.mse_loss(pred, noise)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(list(self.unet.parameters()) + list(self.text_encoder.parameters()), 1.0)
+            self.opt.step()
+            step = self.state["step"] = self.state["step"] + 1
+            decay = min(args.ema, (1 + step) / (10 + step))
+            ema_update(self.ema_unet, self.unet, decay)
+            ema_update(self.ema_text, self.text_encoder, decay)
+            self.state["seconds"] += time.time() - t0
+            ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
+            if step % 50 == 0:
+                self.state["losses"].append((step, round(ema_loss, 5)))
+                logger.info(
+                    "step %d loss %.5f (%.2f s/step, %.0f s total)",
+                    step,
+                    ema_loss,
+                    time.time() - t0,
+                    self.state["seconds"],
+                )
+            if time.time() - last_save > args.checkpoint_minutes * 60:
+                self.save()
+                last_save = time.time()
+        self.save()
+
+    # -- export ---------------------------------------------------------------------------------------------------
+
+    def export(self, folder: str) -> None:
+        from diffusers import StableDiffusionPipeline
+
+        vae = copy.deepcopy(self.vae)
+        vae.register_to_config(scaling_factor=self.state["scaling_factor"])
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=self.ema_text,
+            tokenizer=self.tokenizer,
+            unet=self.ema_unet,
+            scheduler=self.scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.save_pretrained(folder, safe_serialization=True)
+        with open(os.path.join(folder, "training_state.json"), "w") as f:
+            json.dump(
+                {k: self.state[k] for k in ("vae_step", "step", "scaling_factor", "seconds", "losses")}, f, indent=1
+            )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", required=True, help="folder for the resumable checkpoint and tokenizer")
+    parser.add_argument("--export", help="write a StableDiffusionPipeline folder from the EMA weights and stop")
+    parser.add_argument("--vae-steps", type=int, default=700)
+    parser.add_argument("--vae-batch", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=20000)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=4e-4)
+    parser.add_argument("--ema", type=float, default=0.999)
+    parser.add_argument("--caption-dropout", type=float, default=0.1)
+    parser.add_argument("--checkpoint-minutes", type=float, default=5.0)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    trainer = Trainer(args)
+    if args.export:
+        trainer.export(args.export)
+        return
+    trainer.train_vae()
+    trainer.train_diffusion()
+
+
+if __name__ == "__main__":
+    main()
