@@ -35,8 +35,10 @@ SCHEDULERS = {
 
 
 def default_model() -> str | None:
-    """The model used when `--model` is not given (none until a demo model ships)."""
-    return None
+    """The model used when `--model` is not given: the demo model shipped in the package, if present."""
+    from .demo import shipped_model_path
+
+    return shipped_model_path()
 
 
 # -- argument parsing ---------------------------------------------------------------------------------------------
@@ -74,7 +76,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt_arg", nargs="?", metavar="PROMPT", help="the prompt (or use --prompt)")
     parser.add_argument("--prompt", help="the prompt")
     parser.add_argument("--negative-prompt", default=None)
-    parser.add_argument("--model", default=None, help="hub id or local diffusers folder (safetensors weights)")
+    parser.add_argument(
+        "--model", default=None, help="hub id or local diffusers folder (default: the shipped demo model)"
+    )
     parser.add_argument("--scale", type=float, default=7.5, help="guidance scale g (default 7.5)")
     parser.add_argument("--steps", type=int, default=30, help="num_inference_steps (default 30)")
     parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None, help="default: the model's own")
@@ -275,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model is None:
         args.model = default_model()
         if args.model is None:
-            parser.error("--model is required: a hub id or a local diffusers folder")
+            parser.error("--model is required (no demo model is installed): a hub id or a local diffusers folder")
     try:
         if args.command == "generate":
             cmd_generate(args)

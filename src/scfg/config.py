@@ -23,10 +23,11 @@ class SCFGConfig:
     `dataclasses.replace` or `SCFGConfig.preset(name, **overrides)`; instances never change.
 
     Args:
-        levels (`tuple[int, ...]`, defaults to `(4, 8)`):
+        levels (`tuple[int, ...] | None`, defaults to `None`):
             Downsampling factors (relative to the latent) of the attention grids whose maps are used. Masks are
-            built on the finest of them (latent/4 for SD: "R = 4" in the released code) and coarser maps are
-            upsampled bilinearly to it. Every layer at these levels counts once.
+            built on the finest of them and coarser maps are upsampled bilinearly to it; every layer at these
+            levels counts once. `None` takes the model family's default: `(4, 8)` for SD 1.x/2.x (the released
+            code's "R = 4": latent/4 and latent/8), `(4,)` for SDXL (it has no attention at latent/8).
         completion (`"official"`, `"power_mean"` or `"none"`, defaults to `"official"`):
             Self-attention completion of the cross-attention maps. `"official"` computes `(S + 3 S²) / 4 · C`
             as the released code does; `"power_mean"` computes `(1/R) Σ_{r=1..R} Sʳ · C` (the paper's text);
@@ -63,7 +64,7 @@ class SCFGConfig:
             See `start_fraction`.
     """
 
-    levels: tuple[int, ...] = (4, 8)
+    levels: tuple[int, ...] | None = None
     completion: Literal["official", "power_mean", "none"] = "official"
     completion_order: int = 4
     token_map_smoothing: float | None = 0.5
@@ -80,7 +81,8 @@ class SCFGConfig:
 
     def __post_init__(self) -> None:
         # Lists from JSON or the CLI become tuples so that instances stay hashable and comparable.
-        object.__setattr__(self, "levels", tuple(self.levels))
+        if self.levels is not None:
+            object.__setattr__(self, "levels", tuple(self.levels))
         if self.rate_clamp is not None:
             object.__setattr__(self, "rate_clamp", tuple(self.rate_clamp))
         self._validate()
@@ -97,12 +99,13 @@ class SCFGConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise SCFGError(f"Expected `{name}` to be one of {allowed}, but got {getattr(self, name)!r}.")
-        if not self.levels or any(not isinstance(x, int) or x < 1 or x & (x - 1) for x in self.levels):
-            raise SCFGError(
-                f"Expected `levels` as a non-empty tuple of powers of two (e.g. (4, 8)), but got {self.levels!r}."
-            )
-        if len(set(self.levels)) != len(self.levels):
-            raise SCFGError(f"Expected distinct `levels`, but got {self.levels!r}.")
+        if self.levels is not None:
+            powers_of_two = all(isinstance(x, int) and x >= 1 and not x & (x - 1) for x in self.levels)
+            if not self.levels or not powers_of_two or len(set(self.levels)) != len(self.levels):
+                raise SCFGError(
+                    "Expected `levels` as None or a non-empty tuple of distinct powers of two (e.g. (4, 8)), but "
+                    f"got {self.levels!r}."
+                )
         if not isinstance(self.completion_order, int) or self.completion_order < 1:
             raise SCFGError(f"Expected `completion_order` >= 1, but got {self.completion_order!r}.")
         for name in ("token_map_smoothing", "rate_map_smoothing"):
@@ -126,11 +129,6 @@ class SCFGConfig:
                 "Expected 0 <= `start_fraction` < `stop_fraction` <= 1, but got "
                 f"{self.start_fraction!r} and {self.stop_fraction!r}."
             )
-
-    @property
-    def mask_level(self) -> int:
-        """The finest level: token and foreground masks are built on this grid."""
-        return min(self.levels)
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> SCFGConfig:

@@ -30,6 +30,7 @@ class ModelFamily(Protocol):
     """The contract every family adapter module fulfils."""
 
     name: str
+    default_levels: tuple[int, ...]
 
     def matches(self, pipe: Any) -> bool: ...
 
@@ -45,12 +46,12 @@ class ModelFamily(Protocol):
 
 
 def _families() -> list[ModelFamily]:
-    from . import sd_unet
+    from . import sd_unet, sdxl_unet
 
-    return [sd_unet.FAMILY]
+    return [sd_unet.FAMILY, sdxl_unet.FAMILY]
 
 
-FAMILIES = ("sd_unet",)
+FAMILIES = ("sd_unet", "sdxl_unet")
 
 
 def family_for(pipe: Any) -> ModelFamily:
@@ -59,7 +60,7 @@ def family_for(pipe: Any) -> ModelFamily:
         if family.matches(pipe):
             return family
     raise SCFGError(
-        f"Expected a pipeline of a supported model family ({', '.join(FAMILIES)}: StableDiffusion 1.x/2.x "
-        f"pipelines with a `UNet2DConditionModel`), but got {type(pipe).__name__} with denoiser "
+        f"Expected a pipeline of a supported model family ({', '.join(FAMILIES)}: StableDiffusion 1.x/2.x and "
+        f"SDXL pipelines with a `UNet2DConditionModel`), but got {type(pipe).__name__} with denoiser "
         f"{type(getattr(pipe, 'unet', getattr(pipe, 'transformer', None))).__name__}."
     )

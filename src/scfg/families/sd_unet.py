@@ -41,11 +41,12 @@ class SDUNetFamily:
     """Adapter for StableDiffusion 1.x/2.x pipelines (text-to-image, img2img, inpainting, ControlNet)."""
 
     name = "sd_unet"
+    default_levels = (4, 8)
 
     def matches(self, pipe: Any) -> bool:
         unet = getattr(pipe, "unet", None)
         # SDXL has a second text encoder and no attention at latent/8: it is not this family.
-        return isinstance(unet, UNet2DConditionModel) and getattr(pipe, "text_encoder_2", None) is None
+        return isinstance(unet, UNet2DConditionModel) and not hasattr(pipe, "text_encoder_2")
 
     def denoiser(self, pipe: Any) -> nn.Module:
         return pipe.unet

@@ -92,6 +92,7 @@ class SemanticGuidance:
         self.on_step = on_step
         self.family: ModelFamily = family_for(pipe)
         self.denoiser: nn.Module = self.family.denoiser(pipe)
+        self.levels: tuple[int, ...] = config.levels or self.family.default_levels
         self.pairs = self._select_pairs(self.family.layer_pairs(self.denoiser))
         layers = [p.cross for p in self.pairs] + [p.self_attn for p in self.pairs if p.self_attn is not None]
         self._capture = AttentionCapture(self.denoiser, layers)
@@ -102,14 +103,14 @@ class SemanticGuidance:
 
     def _select_pairs(self, pairs: list[LayerPair]) -> list[LayerPair]:
         available = sorted({p.level for p in pairs})
-        missing = [level for level in self.config.levels if level not in available]
+        missing = [level for level in self.levels if level not in available]
         if missing:
             raise SCFGError(
-                f"Expected cross-attention at latent/{missing[0]} for `levels={self.config.levels}`, but this "
+                f"Expected cross-attention at latent/{missing[0]} for `levels={self.levels}`, but this "
                 f"{type(self.denoiser).__name__} has cross-attention only at levels {available}. Pass "
                 f"`levels=` with some of {available}."
             )
-        return [p for p in pairs if p.level in self.config.levels]
+        return [p for p in pairs if p.level in self.levels]
 
     # -- entering and leaving ---------------------------------------------------------------------------------
 
@@ -168,7 +169,7 @@ class SemanticGuidance:
         stack.callback(restore)
 
     def _tokenize(self, prompt: str | list[str] | None, num_images_per_prompt: int) -> _PromptInfo | None:
-        tokenizer = getattr(self.pipe, "tokenizer", None)
+        tokenizer = getattr(self.pipe, "tokenizer", None) or getattr(self.pipe, "tokenizer_2", None)
         if prompt is None or tokenizer is None:
             return None
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -239,7 +240,7 @@ class SemanticGuidance:
             )
         captured.require(self._capture.layers)
         latent_hw = captured.latent_hw
-        mask_grid = level_grid(latent_hw, config.mask_level)
+        mask_grid = level_grid(latent_hw, min(self.levels))
         layers = []
         for pair in self.pairs:
             cross = captured.probs[pair.cross]

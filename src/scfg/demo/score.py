@@ -1,0 +1,138 @@
+"""An exact scorer for images of the demo domain: find objects by colour, classify shape, size and position.
+
+Detection: every pixel far from the white background goes to its nearest palette colour (if close enough);
+8-connected components per colour, small specks dropped. Shape from the fill ratio of the bounding box (square
+~1.0, circle ~0.79, triangle ~0.5), size from the bounding box's longer side, position from the centroid.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from .data import COLORS, RELATIONS, SHAPES, SIZES
+
+__all__ = ["Detection", "PromptScore", "detect", "parse_caption", "score_image"]
+
+_PALETTE = np.array(list(COLORS.values()), dtype=np.float32)
+_NAMES = list(COLORS)
+_SMALL_MAX = (SIZES["small"][1] + SIZES["large"][0]) / 2  # 19 px on the 64 px canvas
+
+
+@dataclass
+class Detection:
+    color: str
+    shape: str
+    size: str
+    center: tuple[float, float]  # (y, x)
+    area: int
+    mask: np.ndarray = field(repr=False)
+
+
+@dataclass
+class RequestedObject:
+    size: str | None
+    color: str
+    shape: str
+
+
+@dataclass
+class PromptScore:
+    """Per-attribute results for one image; every field is a bool or a count."""
+
+    num_requested: int
+    num_detected: int
+    color: float  # fraction of requested objects whose colour is present
+    shape: float  # ... and with the right shape
+    size: float  # ... and the right size
+    relation: bool | None  # None for prompts without a relation
+    extra_objects: int
+    full: bool  # every object right (colour, shape, size), relation right, no extras
+
+
+def parse_caption(caption: str) -> tuple[list[RequestedObject], str | None]:
+    """Objects and the relation (for 2-object captions) named by a demo caption."""
+    relation = next((r for r in RELATIONS if f" {r} " in caption), None)
+    parts = caption.split(f" {relation} ") if relation else caption.split(" and ")
+    objects = []
+    for part in parts:
+        words = re.findall(r"[a-z]+", part.lower())
+        color = next((w for w in words if w in COLORS), None)
+        shape = next((w for w in words if w in SHAPES), None)
+        size = next((w for w in words if w in SIZES), None)
+        if color is None or shape is None:
+            raise ValueError(f"Expected a demo caption like 'a small red circle', but got {caption!r}.")
+        objects.append(RequestedObject(size, color, shape))
+    return objects, relation
+
+
+def detect(image: np.ndarray, min_area: int = 12, max_distance: float = 90.0) -> list[Detection]:
+    """Find the objects in a `[H, W, 3]` uint8 image. Pixel sizes are relative to a 64 px canvas."""
+    img = image.astype(np.float32)
+    scale = image.shape[0] / 64
+    distance = np.linalg.norm(img[:, :, None, :] - _PALETTE[None, None], axis=-1)  # [H, W, K]
+    nearest = distance.argmin(axis=-1)
+    close = distance.min(axis=-1) < max_distance
+    background = np.linalg.norm(img - 255.0, axis=-1) < 60
+    detections = []
+    for k, name in enumerate(_NAMES):
+        labels, count = ndimage.label((nearest == k) & close & ~background, structure=np.ones((3, 3)))
+        for index in range(1, count + 1):
+            mask = labels == index
+            area = int(mask.sum())
+            if area < min_area * scale**2:
+                continue
+            ys, xs = np.nonzero(mask)
+            height, width = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+            fill = area / float(height * width)
+            shape = "square" if fill > 0.9 else "circle" if fill > 0.66 else "triangle"
+            size = "small" if max(height, width) / scale < _SMALL_MAX else "large"
+            detections.append(Detection(name, shape, size, (float(ys.mean()), float(xs.mean())), area, mask))
+    return detections
+
+
+def _relation_holds(relation: str, a: Detection, b: Detection) -> bool:
+    dy, dx = a.center[0] - b.center[0], a.center[1] - b.center[1]
+    return {"left of": dx < 0, "right of": dx > 0, "above": dy < 0, "below": dy > 0}[relation]
+
+
+def score_image(image: np.ndarray, caption: str) -> tuple[PromptScore, list[Detection | None]]:
+    """Score one image against its caption; also return the detection matched to each requested object."""
+    requested, relation = parse_caption(caption)
+    detections = detect(image)
+    free = list(detections)
+    matched: list[Detection | None] = []
+    for obj in requested:
+        candidates = [d for d in free if d.color == obj.color]
+        # prefer the right shape, then the right size, then the largest
+        candidates.sort(key=lambda d: (d.shape != obj.shape, obj.size is not None and d.size != obj.size, -d.area))
+        best = candidates[0] if candidates else None
+        if best is not None:
+            free.remove(best)
+        matched.append(best)
+    n = len(requested)
+    color_ok = [m is not None for m in matched]
+    shape_ok = [m is not None and m.shape == o.shape for m, o in zip(matched, requested, strict=True)]
+    size_ok = [
+        m is not None and m.shape == o.shape and (o.size is None or m.size == o.size)
+        for m, o in zip(matched, requested, strict=True)
+    ]
+    relation_ok = None
+    if relation is not None:
+        a, b = matched
+        relation_ok = a is not None and b is not None and _relation_holds(relation, a, b)
+    full = all(size_ok) and relation_ok is not False and not free
+    score = PromptScore(
+        num_requested=n,
+        num_detected=len(detections),
+        color=sum(color_ok) / n,
+        shape=sum(shape_ok) / n,
+        size=sum(size_ok) / n,
+        relation=relation_ok,
+        extra_objects=len(free),
+        full=full,
+    )
+    return score, matched

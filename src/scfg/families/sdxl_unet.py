@@ -1,0 +1,33 @@
+"""Stable Diffusion XL: `UNet2DConditionModel` with two CLIP text encoders and attention at latent/2 and latent/4.
+
+Region definition: SDXL has no attention at latent/8, so the SD recipe (latent/4 + latent/8) cannot apply. The
+default is latent/4 alone: `down_blocks.2`, `mid_block` and `up_blocks.0` (10 transformer blocks each at 1024 px,
+a 32x32 grid: the semantic, low-frequency level, and the same relative level as SD's masks). `levels=(2, 4)` adds
+the latent/2 blocks (64x64 grid at 1024 px: 4096x4096 self-attention maps per layer, about 16x the cost) for
+finer masks. Token indices come from the first tokenizer; both encoders share positions. The CFG batch is
+`[uncond, cond]` like SD; the UNet's added conditioning (`text_embeds`, `time_ids`) does not affect the maps.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from diffusers import UNet2DConditionModel
+
+from .sd_unet import SDUNetFamily
+
+__all__ = ["FAMILY"]
+
+
+class SDXLUNetFamily(SDUNetFamily):
+    """Adapter for SDXL pipelines (base, refiner, img2img, inpainting, ControlNet)."""
+
+    name = "sdxl_unet"
+    default_levels = (4,)
+
+    def matches(self, pipe: Any) -> bool:
+        unet = getattr(pipe, "unet", None)
+        return isinstance(unet, UNet2DConditionModel) and hasattr(pipe, "text_encoder_2")
+
+
+FAMILY = SDXLUNetFamily()

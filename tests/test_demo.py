@@ -1,0 +1,73 @@
+"""The demo domain: scene generator, caption parser and the exact scorer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from scfg.demo.data import COLORS, SHAPES, sample_scene, write_tokenizer
+from scfg.demo.score import detect, parse_caption, score_image
+
+
+def test_captions_match_objects_and_masks():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        scene = sample_scene(rng)
+        requested, relation = parse_caption(scene.caption)
+        assert [(o.color, o.shape, o.size) for o in requested] == [(o.color, o.shape, o.size) for o in scene.objects]
+        assert (relation is not None) == (len(scene.objects) == 2)
+        union = np.zeros(scene.image.shape[:2], dtype=int)
+        for obj in scene.objects:
+            assert obj.mask.any()
+            assert np.all(scene.image[obj.mask] == COLORS[obj.color])
+            union += obj.mask
+        assert union.max() == 1  # objects never overlap
+        assert np.all(scene.image[union == 0] == 255)
+
+
+def test_scorer_is_exact_on_rendered_ground_truth():
+    rng = np.random.default_rng(1)
+    scores = [score_image(s.image, s.caption)[0] for s in (sample_scene(rng) for _ in range(300))]
+    assert all(s.full for s in scores)
+
+
+def test_scorer_detects_wrong_attributes():
+    rng = np.random.default_rng(2)
+    scene = sample_scene(rng, num_objects=1)
+    obj = scene.objects[0]
+    other_color = next(c for c in COLORS if c != obj.color)
+    other_shape = next(s for s in SHAPES if s != obj.shape)
+    wrong_color, _ = score_image(scene.image, f"a {obj.size} {other_color} {obj.shape}")
+    assert wrong_color.color == 0 and not wrong_color.full and wrong_color.extra_objects == 1
+    wrong_shape, _ = score_image(scene.image, f"a {obj.size} {obj.color} {other_shape}")
+    assert wrong_shape.color == 1 and wrong_shape.shape == 0 and not wrong_shape.full
+    blank, _ = score_image(np.full_like(scene.image, 255), scene.caption)
+    assert blank.num_detected == 0 and blank.color == 0
+
+
+def test_scorer_checks_relations():
+    rng = np.random.default_rng(3)
+    scene = next(s for s in (sample_scene(rng, num_objects=2) for _ in range(50)) if " left of " in s.caption)
+    swapped = scene.caption.replace(" left of ", " right of ")
+    assert score_image(scene.image, scene.caption)[0].relation is True
+    assert score_image(scene.image, swapped)[0].relation is False
+
+
+def test_detect_ignores_specks():
+    image = np.full((64, 64, 3), 255, dtype=np.uint8)
+    image[10:12, 10:12] = COLORS["red"]
+    assert detect(image) == []
+
+
+def test_parse_caption_rejects_other_domains():
+    with pytest.raises(ValueError, match="demo caption"):
+        parse_caption("a photo of a cat")
+
+
+def test_demo_tokenizer_has_one_token_per_word(tmp_path):
+    from transformers import CLIPTokenizer
+
+    write_tokenizer(str(tmp_path))
+    tokenizer = CLIPTokenizer.from_pretrained(str(tmp_path))
+    ids = tokenizer("a small red circle left of a large blue square").input_ids
+    assert len(ids) == 2 + 10

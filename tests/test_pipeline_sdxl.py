@@ -1,0 +1,70 @@
+"""S-CFG on a stock StableDiffusionXLPipeline (tiny, built from configs and reloaded)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline
+
+import scfg
+from scfg import SCFGConfig, SCFGError
+
+
+@pytest.fixture
+def tiny_sdxl(tiny_sdxl_path):
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_sdxl_path), use_safetensors=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def run(pipe, prompt, latents, **kwargs):
+    h, w = latents.shape[-2] * 2, latents.shape[-1] * 2
+    kwargs.setdefault("num_inference_steps", 3)
+    kwargs.setdefault("guidance_scale", 6.0)
+    return pipe(prompt, height=h, width=w, latents=latents.clone(), output_type="latent", **kwargs).images
+
+
+def latents(n, h=32, w=48, seed=0):
+    return torch.randn(n, 4, h, w, generator=torch.Generator().manual_seed(seed))
+
+
+def test_sdxl_uses_latent4_by_default_and_masks_are_per_sample(tiny_sdxl):
+    prompts = ["a red cat on the sofa", "a blue dog"]
+    recorder = scfg.Recorder()
+    guard = scfg.enable(tiny_sdxl, on_step=recorder)
+    assert guard.levels == (4,)
+    assert {p.cross.split(".")[0] for p in guard.pairs} == {"down_blocks", "mid_block", "up_blocks"}
+    x = latents(4, seed=1)
+    with guard:
+        batched = run(tiny_sdxl, prompts, x, num_images_per_prompt=2)
+        singles = [run(tiny_sdxl, prompts[i // 2], x[i : i + 1]) for i in range(4)]
+    torch.testing.assert_close(batched, torch.cat(singles), rtol=1e-4, atol=1e-4)  # batched matmul rounding
+    report = recorder.steps[0]
+    assert report.token_masks.shape == (4, 77, 8, 12)  # 32x48 latent -> latent/4
+    assert report.rate_map.shape == (4, 1, 32, 48)
+    assert report.tokens[2][1:4] == ["a</w>", "blue</w>", "dog</w>"]
+
+
+def test_sdxl_latent2_option_and_non_square_odd_size(tiny_sdxl):
+    recorder = scfg.Recorder()
+    with scfg.enable(tiny_sdxl, SCFGConfig(levels=(2, 4)), on_step=recorder):
+        out = run(tiny_sdxl, "a cat", latents(1, 36, 52))
+    assert torch.isfinite(out).all()
+    assert recorder.steps[0].token_masks.shape[-2:] == (18, 26)
+
+
+def test_sdxl_unit_rate_equals_plain_cfg_and_restores(tiny_sdxl):
+    before = dict(tiny_sdxl.unet.attn_processors)
+    x = latents(1, seed=2)
+    plain = run(tiny_sdxl, "a red cat", x)
+    with scfg.enable(tiny_sdxl, SCFGConfig(rate_clamp=(1.0, 1.0), max_effective_scale=None)):
+        forced = run(tiny_sdxl, "a red cat", x)
+    torch.testing.assert_close(forced, plain, rtol=1e-5, atol=1e-5)
+    assert all(tiny_sdxl.unet.attn_processors[k] is v for k, v in before.items())
+    assert not tiny_sdxl.unet._forward_hooks and not tiny_sdxl.unet._forward_pre_hooks
+    assert "encode_prompt" not in vars(tiny_sdxl)
+
+
+def test_sdxl_rejects_latent8(tiny_sdxl):
+    with pytest.raises(SCFGError, match="only at levels \\[2, 4\\]"):
+        scfg.enable(tiny_sdxl, SCFGConfig(levels=(4, 8)))
