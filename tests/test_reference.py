@@ -33,7 +33,8 @@ def initial_latents(num, seed=0):
     return torch.randn(num, 4, HEIGHT // 2, WIDTH // 2, generator=torch.Generator().manual_seed(seed))
 
 
-def reference_sample(path, scheduler_name, guidance_scale, steps, latents, preset, n):
+def reference_sample(path, scheduler_name, guidance_scale, steps, latents, preset, n, prompts=PROMPTS,
+                     negative=NEGATIVE):
     pipe = load_pipe(path).to(torch.float64)
     store: dict = {}
     pipe.unet.set_attn_processor(
@@ -41,7 +42,7 @@ def reference_sample(path, scheduler_name, guidance_scale, steps, latents, prese
     )
     scheduler = SCHEDULERS[scheduler_name].from_config(pipe.scheduler.config)
     scheduler.set_timesteps(steps)
-    cond, uncond = pipe.encode_prompt(PROMPTS, "cpu", n, True, NEGATIVE)
+    cond, uncond = pipe.encode_prompt(prompts, "cpu", n, True, negative)
     embeds = torch.cat([uncond, cond])
     x = latents.double() * scheduler.init_noise_sigma
     history = []
@@ -57,17 +58,18 @@ def reference_sample(path, scheduler_name, guidance_scale, steps, latents, prese
     return x, history
 
 
-def scfg_sample(path, scheduler_name, guidance_scale, steps, latents, preset, n, dtype=torch.float64):
+def scfg_sample(path, scheduler_name, guidance_scale, steps, latents, preset, n, dtype=torch.float64,
+                prompts=PROMPTS, negative=NEGATIVE):
     pipe = load_pipe(path).to(dtype)
     pipe.scheduler = SCHEDULERS[scheduler_name].from_config(pipe.scheduler.config)
     recorder = scfg.Recorder()
     with scfg.enable(pipe, preset, on_step=recorder):
         out = pipe(
-            PROMPTS,
-            negative_prompt=NEGATIVE,
+            prompts,
+            negative_prompt=negative,
             num_images_per_prompt=n,
-            height=HEIGHT,
-            width=WIDTH,
+            height=latents.shape[-2] * 2,
+            width=latents.shape[-1] * 2,
             num_inference_steps=steps,
             guidance_scale=guidance_scale,
             latents=latents.clone().to(dtype),
