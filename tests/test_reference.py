@@ -33,8 +33,9 @@ def initial_latents(num, seed=0):
     return torch.randn(num, 4, HEIGHT // 2, WIDTH // 2, generator=torch.Generator().manual_seed(seed))
 
 
-def reference_sample(path, scheduler_name, guidance_scale, steps, latents, preset, n, prompts=PROMPTS,
-                     negative=NEGATIVE):
+def reference_sample(
+    path, scheduler_name, guidance_scale, steps, latents, preset, n, prompts=PROMPTS, negative=NEGATIVE
+):
     pipe = load_pipe(path).to(torch.float64)
     store: dict = {}
     pipe.unet.set_attn_processor(
@@ -58,8 +59,18 @@ def reference_sample(path, scheduler_name, guidance_scale, steps, latents, prese
     return x, history
 
 
-def scfg_sample(path, scheduler_name, guidance_scale, steps, latents, preset, n, dtype=torch.float64,
-                prompts=PROMPTS, negative=NEGATIVE):
+def scfg_sample(
+    path,
+    scheduler_name,
+    guidance_scale,
+    steps,
+    latents,
+    preset,
+    n,
+    dtype=torch.float64,
+    prompts=PROMPTS,
+    negative=NEGATIVE,
+):
     pipe = load_pipe(path).to(dtype)
     pipe.scheduler = SCHEDULERS[scheduler_name].from_config(pipe.scheduler.config)
     recorder = scfg.Recorder()

@@ -13,7 +13,7 @@ import psutil
 import pytest
 import torch
 from conftest import load_pipe
-from test_reference import relative_close, reference_sample, scfg_sample
+from test_reference import reference_sample, relative_close, scfg_sample
 
 import scfg
 from scfg import SCFGConfig, SCFGError
@@ -55,8 +55,17 @@ REFERENCE_CASES = {
 
 @pytest.mark.parametrize("case", sorted(REFERENCE_CASES))
 def test_unusual_input_matches_reference(tiny_sd_path, case):
-    spec = {"prompts": ["a red cat"], "negative": ["blue"], "steps": 3, "guidance_scale": 7.5, "h": 32, "w": 48,
-            "preset": "official", "scheduler": "ddim", **REFERENCE_CASES[case]}
+    spec = {
+        "prompts": ["a red cat"],
+        "negative": ["blue"],
+        "steps": 3,
+        "guidance_scale": 7.5,
+        "h": 32,
+        "w": 48,
+        "preset": "official",
+        "scheduler": "ddim",
+        **REFERENCE_CASES[case],
+    }
     x = latents(len(spec["prompts"]), spec["h"], spec["w"])
     args = (tiny_sd_path, spec["scheduler"], spec["guidance_scale"], spec["steps"], x, spec["preset"], 1)
     ours, reports = scfg_sample(*args, prompts=spec["prompts"], negative=spec["negative"])
@@ -70,8 +79,11 @@ def test_unusual_input_matches_reference(tiny_sd_path, case):
 
 ERROR_CASES = {
     "height-not-multiple-of-8": (dict(height=60, width=64), ValueError, "divisible by 8"),
-    "mismatched-negative-batch": (dict(prompt=["a cat", "a dog"], negative_prompt=["x", "y", "z"]), ValueError,
-                                  "batch size"),
+    "mismatched-negative-batch": (
+        dict(prompt=["a cat", "a dog"], negative_prompt=["x", "y", "z"]),
+        ValueError,
+        "batch size",
+    ),
     "negative-prompt-type": (dict(prompt=["a cat"], negative_prompt="x"), TypeError, "same type"),
     "steps-zero": (dict(num_inference_steps=0), Exception, ""),
 }
@@ -80,8 +92,14 @@ ERROR_CASES = {
 @pytest.mark.parametrize("case", sorted(ERROR_CASES))
 def test_bad_pipeline_input_raises_and_restores(tiny_sd, case):
     kwargs, error, message = ERROR_CASES[case]
-    kwargs = {"prompt": "a cat", "height": 64, "width": 64, "num_inference_steps": 2, "output_type": "latent",
-              **kwargs}
+    kwargs = {
+        "prompt": "a cat",
+        "height": 64,
+        "width": 64,
+        "num_inference_steps": 2,
+        "output_type": "latent",
+        **kwargs,
+    }
     processors = dict(tiny_sd.unet.attn_processors)
     with pytest.raises(error, match=message), scfg.enable(tiny_sd):
         tiny_sd(**kwargs)
@@ -147,8 +165,9 @@ def test_half_precision_gives_finite_images(tiny_sd_path, dtype):
     pipe = load_pipe(tiny_sd_path).to(dtype)
     recorder = scfg.Recorder()
     with scfg.enable(pipe, on_step=recorder):
-        out = pipe("a red cat", height=64, width=96, num_inference_steps=2, latents=latents(1).to(dtype),
-                   output_type="latent").images
+        out = pipe(
+            "a red cat", height=64, width=96, num_inference_steps=2, latents=latents(1).to(dtype), output_type="latent"
+        ).images
     assert out.dtype == dtype and torch.isfinite(out).all()
     assert all(torch.isfinite(r.rate_map).all() for r in recorder.steps)
 
@@ -184,8 +203,9 @@ def test_restored_after_exception_mid_loop(tiny_sd, exception):
         return kwargs
 
     with pytest.raises(exception), scfg.enable(tiny_sd):
-        tiny_sd("a cat", height=64, width=64, num_inference_steps=3, callback_on_step_end=interrupt,
-                output_type="latent")
+        tiny_sd(
+            "a cat", height=64, width=64, num_inference_steps=3, callback_on_step_end=interrupt, output_type="latent"
+        )
     assert is_restored(tiny_sd, processors)
 
 
@@ -213,8 +233,16 @@ def test_context_is_reusable_after_exit(tiny_sd):
     recorder_runs = []
     for _ in range(2):
         with guard:
-            recorder_runs.append(tiny_sd("a cat", height=64, width=64, num_inference_steps=1,
-                                         latents=latents(1, 32, 32), output_type="latent").images)
+            recorder_runs.append(
+                tiny_sd(
+                    "a cat",
+                    height=64,
+                    width=64,
+                    num_inference_steps=1,
+                    latents=latents(1, 32, 32),
+                    output_type="latent",
+                ).images
+            )
     torch.testing.assert_close(recorder_runs[0], recorder_runs[1])
 
 
@@ -229,8 +257,9 @@ def test_two_threads_two_pipelines_get_their_own_masks(tiny_sd_path):
     def generate(i, results):
         recorder = scfg.Recorder()
         with scfg.enable(pipes[i], on_step=recorder):
-            out = pipes[i](prompts[i], height=64, width=96, num_inference_steps=4, latents=x[i].clone(),
-                           output_type="latent").images
+            out = pipes[i](
+                prompts[i], height=64, width=96, num_inference_steps=4, latents=x[i].clone(), output_type="latent"
+            ).images
         results[i] = (out, recorder.steps)
 
     sequential: dict = {}

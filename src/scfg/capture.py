@@ -7,7 +7,7 @@ processor (SDPA, LoRA, IP-Adapter keep working). Every other layer is untouched.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +16,9 @@ from torch import nn
 
 from .config import SCFGError
 
-__all__ = ["AttentionCapture", "CapturedPass", "grid_for", "head_averaged_probs"]
+__all__ = ["AttentionCapture", "CapturedPass", "grid_for", "head_averaged_probs", "head_averaged_softmax"]
+
+ProbsFn = Callable[[nn.Module, torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"], torch.Tensor]
 
 # Largest number of float32 score elements materialised at once; heads are processed in chunks below it.
 _CHUNK_ELEMENTS = 1 << 26
@@ -72,8 +74,7 @@ def head_averaged_probs(
     context = x if encoder_hidden_states is None else encoder_hidden_states
     if encoder_hidden_states is not None and getattr(attn, "norm_cross", None):
         context = attn.norm_encoder_hidden_states(context)
-    batch, num_queries, _ = x.shape
-    num_keys = context.shape[1]
+    batch = x.shape[0]
     heads = attn.heads
     query = attn.to_q(x)
     key = attn.to_k(context)
@@ -84,15 +85,30 @@ def head_averaged_probs(
         query = attn.norm_q(query)
     if getattr(attn, "norm_k", None) is not None:
         key = attn.norm_k(key)
-    # float32 softmax (float64 for a float64 model): half-precision logits overflow.
+    return head_averaged_softmax(query, key, float(attn.scale), attn, attention_mask)
+
+
+def head_averaged_softmax(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scale: float,
+    attn: nn.Module | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Return `softmax(q kᵀ · scale)` averaged over heads, `[B, Q, K]`, for `query [B, heads, Q, d]`, `key
+    [B, heads, K, d]`, heads processed in chunks below a fixed element budget.
+
+    The softmax runs in float32 (float64 for a float64 model): half-precision logits overflow.
+    """
+    batch, heads, num_queries, _ = query.shape
+    num_keys = key.shape[2]
     dtype = torch.promote_types(query.dtype, torch.float32)
     bias = None
-    if attention_mask is not None:
+    if attention_mask is not None and attn is not None:
         bias = attn.prepare_attention_mask(attention_mask, num_keys, batch)
         bias = bias.view(batch, heads, -1, bias.shape[-1]).to(dtype)
-    scale = float(attn.scale)
     step = max(1, _CHUNK_ELEMENTS // max(1, batch * num_queries * num_keys))
-    total = torch.zeros(batch, num_queries, num_keys, dtype=dtype, device=x.device)
+    total = torch.zeros(batch, num_queries, num_keys, dtype=dtype, device=query.device)
     for start in range(0, heads, step):
         stop = min(heads, start + step)
         scores = torch.matmul(query[:, start:stop].to(dtype), key[:, start:stop].to(dtype).transpose(-1, -2)) * scale
@@ -134,9 +150,11 @@ class AttentionCapture:
     Args:
         denoiser (`nn.Module`): the UNet or transformer.
         layers (`Sequence[str]`): module names of the attention layers to record.
+        probs_fn (*optional*): `(attn, hidden_states, encoder_hidden_states, attention_mask) -> [B, Q, K]`;
+            defaults to `head_averaged_probs` (diffusers `Attention` with separate self/cross layers).
     """
 
-    def __init__(self, denoiser: nn.Module, layers: Sequence[str]) -> None:
+    def __init__(self, denoiser: nn.Module, layers: Sequence[str], probs_fn: ProbsFn | None = None) -> None:
         modules = dict(denoiser.named_modules())
         missing = [name for name in layers if name not in modules]
         if missing:
@@ -145,6 +163,7 @@ class AttentionCapture:
         self.layers = list(layers)
         self._modules = {name: modules[name] for name in self.layers}
         self._handles: list[Any] = []
+        self._probs_fn = probs_fn
         self.current: CapturedPass | None = None
 
     def __enter__(self) -> AttentionCapture:
@@ -179,9 +198,8 @@ class AttentionCapture:
             hidden_states = args[0] if args else kwargs["hidden_states"]
             encoder_hidden_states = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
             attention_mask = args[2] if len(args) > 2 else kwargs.get("attention_mask")
+            probs_fn = self._probs_fn or head_averaged_probs
             with torch.no_grad():
-                captured.probs[name] = head_averaged_probs(
-                    module, hidden_states, encoder_hidden_states, attention_mask
-                )
+                captured.probs[name] = probs_fn(module, hidden_states, encoder_hidden_states, attention_mask)
 
         return hook

@@ -28,6 +28,9 @@ class SCFGConfig:
             built on the finest of them and coarser maps are upsampled bilinearly to it; every layer at these
             levels counts once. `None` takes the model family's default: `(4, 8)` for SD 1.x/2.x (the released
             code's "R = 4": latent/4 and latent/8), `(4,)` for SDXL (it has no attention at latent/8).
+        layers_per_level (`int | None`, defaults to `None`):
+            Use only the last `k` attention layers (in forward order) of each level; `None` uses all. The released
+            DeepFloyd IF code uses 3 (the IF `official` preset sets it).
         completion (`"official"`, `"power_mean"` or `"none"`, defaults to `"official"`):
             Self-attention completion of the cross-attention maps. `"official"` computes `(S + 3 S²) / 4 · C`
             as the released code does; `"power_mean"` computes `(1/R) Σ_{r=1..R} Sʳ · C` (the paper's text);
@@ -65,6 +68,7 @@ class SCFGConfig:
     """
 
     levels: tuple[int, ...] | None = None
+    layers_per_level: int | None = None
     completion: Literal["official", "power_mean", "none"] = "official"
     completion_order: int = 4
     token_map_smoothing: float | None = 0.5
@@ -106,6 +110,10 @@ class SCFGConfig:
                     "Expected `levels` as None or a non-empty tuple of distinct powers of two (e.g. (4, 8)), but "
                     f"got {self.levels!r}."
                 )
+        if self.layers_per_level is not None and (
+            not isinstance(self.layers_per_level, int) or self.layers_per_level < 1
+        ):
+            raise SCFGError(f"Expected `layers_per_level` >= 1 or None, but got {self.layers_per_level!r}.")
         if not isinstance(self.completion_order, int) or self.completion_order < 1:
             raise SCFGError(f"Expected `completion_order` >= 1, but got {self.completion_order!r}.")
         for name in ("token_map_smoothing", "rate_map_smoothing"):

@@ -31,8 +31,17 @@ class ModelFamily(Protocol):
 
     name: str
     default_levels: tuple[int, ...]
+    probs_fn: Any  # capture function for this family's attention layers, or None for the default
 
     def matches(self, pipe: Any) -> bool: ...
+
+    def preset_overrides(self, pipe: Any) -> dict[str, dict[str, Any]]: ...
+
+    def layer_inputs(
+        self, pair: LayerPair, probs: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
+
+    def guided_channels(self, denoiser: nn.Module) -> int | None: ...
 
     def denoiser(self, pipe: Any) -> nn.Module: ...
 
@@ -46,12 +55,12 @@ class ModelFamily(Protocol):
 
 
 def _families() -> list[ModelFamily]:
-    from . import sd_unet, sdxl_unet
+    from . import deepfloyd_if, sd_unet, sdxl_unet
 
-    return [sd_unet.FAMILY, sdxl_unet.FAMILY]
+    return [deepfloyd_if.FAMILY, sdxl_unet.FAMILY, sd_unet.FAMILY]  # first match wins
 
 
-FAMILIES = ("sd_unet", "sdxl_unet")
+FAMILIES = ("sd_unet", "sdxl_unet", "deepfloyd_if")
 
 
 def family_for(pipe: Any) -> ModelFamily:
@@ -60,7 +69,7 @@ def family_for(pipe: Any) -> ModelFamily:
         if family.matches(pipe):
             return family
     raise SCFGError(
-        f"Expected a pipeline of a supported model family ({', '.join(FAMILIES)}: StableDiffusion 1.x/2.x and "
-        f"SDXL pipelines with a `UNet2DConditionModel`), but got {type(pipe).__name__} with denoiser "
+        f"Expected a pipeline of a supported model family ({', '.join(FAMILIES)}: StableDiffusion 1.x/2.x, "
+        f"SDXL and DeepFloyd IF pipelines with a `UNet2DConditionModel`), but got {type(pipe).__name__} with denoiser "
         f"{type(getattr(pipe, 'unet', getattr(pipe, 'transformer', None))).__name__}."
     )

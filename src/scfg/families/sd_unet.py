@@ -37,11 +37,20 @@ def _block_levels(unet: UNet2DConditionModel) -> dict[str, int]:
     return levels
 
 
+def forward_rank(name: str) -> tuple[int, int, str]:
+    """Sort key in forward order: down blocks, mid block, up blocks (`named_modules` lists up before mid)."""
+    parts = name.split(".")
+    group = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}.get(parts[0], 3)
+    index = int(parts[1]) if group in (0, 2) else 0
+    return group, index, name
+
+
 class SDUNetFamily:
     """Adapter for StableDiffusion 1.x/2.x pipelines (text-to-image, img2img, inpainting, ControlNet)."""
 
     name = "sd_unet"
     default_levels = (4, 8)
+    probs_fn = None  # capture.head_averaged_probs: separate self (attn1) and cross (attn2) layers
 
     def matches(self, pipe: Any) -> bool:
         unet = getattr(pipe, "unet", None)
@@ -62,7 +71,18 @@ class SDUNetFamily:
             self_module = denoiser.get_submodule(self_name) if hasattr(denoiser, "get_submodule") else None
             has_self = isinstance(self_module, Attention) and not self_module.is_cross_attention
             pairs.append(LayerPair(cross=name, self_attn=self_name if has_self else None, level=levels[prefix]))
-        return pairs
+        return sorted(pairs, key=lambda pair: forward_rank(pair.cross))
+
+    def preset_overrides(self, pipe: Any) -> dict[str, dict[str, Any]]:
+        return {}
+
+    def layer_inputs(
+        self, pair: LayerPair, probs: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return probs[pair.cross], probs[pair.self_attn] if pair.self_attn is not None else None
+
+    def guided_channels(self, denoiser: nn.Module) -> int | None:
+        return None  # every output channel is the prediction
 
     def latent_hw(self, args: tuple, kwargs: dict) -> tuple[int, int]:
         sample = args[0] if args else kwargs["sample"]

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..capture import AttentionCapture, CapturedPass, grid_for, level_grid
-from ..config import SCFGConfig, SCFGError
+from ..config import PRESETS, SCFGConfig, SCFGError
 from ..diagnostics import StepReport
 from ..families import LayerPair, ModelFamily, family_for
 from ..rule import semantic_guidance
@@ -81,21 +81,24 @@ class SemanticGuidance:
         *,
         on_step: Callable[[StepReport], None] | None = None,
     ) -> None:
+        self.family: ModelFamily = family_for(pipe)
         if config is None:
-            config = SCFGConfig()
-        elif isinstance(config, str):
-            config = SCFGConfig.preset(config)
+            config = "official"
+        if isinstance(config, str):
+            # A preset by name is the family's version of it (e.g. DeepFloyd IF's per-stage differences).
+            overrides = self.family.preset_overrides(pipe).get(config, {}) if config in PRESETS else {}
+            config = SCFGConfig.preset(config, **overrides)
         elif not isinstance(config, SCFGConfig):
             raise SCFGError(f"Expected `config` as an SCFGConfig or a preset name, but got {type(config).__name__}.")
         self.pipe = pipe
         self.config = config
         self.on_step = on_step
-        self.family: ModelFamily = family_for(pipe)
         self.denoiser: nn.Module = self.family.denoiser(pipe)
         self.levels: tuple[int, ...] = config.levels or self.family.default_levels
         self.pairs = self._select_pairs(self.family.layer_pairs(self.denoiser))
-        layers = [p.cross for p in self.pairs] + [p.self_attn for p in self.pairs if p.self_attn is not None]
-        self._capture = AttentionCapture(self.denoiser, layers)
+        layers = list(dict.fromkeys([p.cross for p in self.pairs] + [p.self_attn for p in self.pairs if p.self_attn]))
+        self._capture = AttentionCapture(self.denoiser, layers, self.family.probs_fn)
+        self._channels = self.family.guided_channels(self.denoiser)
         self._stack: ExitStack | None = None
         self._prompt: _PromptInfo | None = None
         self._step: tuple[int | None, float, float] | None = None
@@ -110,7 +113,14 @@ class SemanticGuidance:
                 f"{type(self.denoiser).__name__} has cross-attention only at levels {available}. Pass "
                 f"`levels=` with some of {available}."
             )
-        return [p for p in pairs if p.level in self.levels]
+        chosen = [p for p in pairs if p.level in self.levels]  # families list pairs in forward order
+        k = self.config.layers_per_level
+        if k is not None:
+            by_level: dict[int, list[LayerPair]] = {}
+            for pair in chosen:
+                by_level.setdefault(pair.level, []).append(pair)
+            chosen = [pair for pair in chosen if pair in by_level[pair.level][-k:]]
+        return chosen
 
     # -- entering and leaving ---------------------------------------------------------------------------------
 
@@ -243,14 +253,13 @@ class SemanticGuidance:
         mask_grid = level_grid(latent_hw, min(self.levels))
         layers = []
         for pair in self.pairs:
-            cross = captured.probs[pair.cross]
-            grid = grid_for(cross.shape[1], latent_hw)
+            grid = grid_for(captured.probs[pair.cross].shape[1], latent_hw)
             if grid != level_grid(latent_hw, pair.level):
                 raise SCFGError(
                     f"Expected layer `{pair.cross}` at latent/{pair.level} of the {latent_hw[0]}x{latent_hw[1]} "
-                    f"latent, but its {cross.shape[1]} queries form a {grid[0]}x{grid[1]} grid."
+                    f"latent, but its {captured.probs[pair.cross].shape[1]} queries form a {grid[0]}x{grid[1]} grid."
                 )
-            self_probs = captured.probs[pair.self_attn] if pair.self_attn is not None else None
+            cross, self_probs = self.family.layer_inputs(pair, captured.probs)
             layers.append((cross, self_probs, grid))
         captured.probs.clear()
         token_maps, fg_maps = average_layer_maps(
@@ -261,6 +270,9 @@ class SemanticGuidance:
         fg_halves = dict(zip(("uncond", "cond"), self.family.split_cfg_batch(fg_maps), strict=True))
         token_src, fg_src = halves[config.token_source], fg_halves[config.foreground_source]
         pred_uncond, pred_cond = self.family.split_cfg_batch(pred)
+        # Learned-variance channels (DeepFloyd IF) are split off before guidance and pass through unchanged.
+        c = self._channels or pred.shape[1]
+        eps_uncond, eps_cond = pred_uncond[:, :c], pred_cond[:, :c]
         if not (torch.isfinite(token_src).all() and torch.isfinite(fg_src).all()):
             self._warn_once(
                 "nonfinite",
@@ -272,8 +284,8 @@ class SemanticGuidance:
         token_masks = assign_regions(token_src, allowed, config.tie_break)
         fg_mask = foreground_mask(fg_src)
         result = semantic_guidance(
-            pred_uncond,
-            pred_cond,
+            eps_uncond,
+            eps_cond,
             token_masks,
             fg_mask,
             guidance_scale,
@@ -293,8 +305,8 @@ class SemanticGuidance:
             )
         # The pipeline computes uncond + g * (cond' - uncond); this cond' makes that uncond + g * rate * score.
         dtype = result.rate_map.dtype
-        new_cond = pred_uncond.to(dtype) + result.rate_map * (pred_cond.to(dtype) - pred_uncond.to(dtype))
-        new_cond = new_cond.to(pred.dtype)
+        new_eps = eps_uncond.to(dtype) + result.rate_map * (eps_cond.to(dtype) - eps_uncond.to(dtype))
+        new_cond = torch.cat([new_eps.to(pred.dtype), pred_cond[:, c:]], dim=1)
         if self.on_step is not None:
             self.on_step(
                 StepReport(

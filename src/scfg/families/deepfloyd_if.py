@@ -1,0 +1,101 @@
+"""DeepFloyd IF, stage I (`IFPipeline`) and stage II (`IFSuperResolutionPipeline`), pixel-space UNets.
+
+IF's attention layers attend jointly over `[text tokens; image tokens]` under one softmax (`AttnAddedKVProcessor`):
+the text keys come from `add_k_proj`, the image keys from `to_k`. The head-averaged joint probabilities
+`[B, Q, T + Q]` are split into a cross part (text columns) and a self part (image columns, whose rows no longer
+sum to 1), as the released code does. T5 has no start token, so "token 0" of the foreground map is the first word.
+The UNet predicts `[ε; variance]`: only the first `out_channels / 2` channels are guided (the pipeline splits the
+variance off before its CFG line), so the rate is computed from, and applied to, those channels only.
+
+Preset differences (ALGORITHM.md section 4), applied when a preset is chosen by name: the released code uses only
+the last 3 layers of each grid; stage I uses the whole-image mean norm as the benchmark; both stages apply only the
+`g · rate <= 15` cap, not the [0.8, 3.0] clamp.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import Attention
+from torch import nn
+
+from ..capture import head_averaged_softmax
+from . import LayerPair
+from .sd_unet import SDUNetFamily, _block_levels, forward_rank
+
+__all__ = ["FAMILY", "joint_added_kv_probs"]
+
+
+def joint_added_kv_probs(
+    attn: nn.Module,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Head-averaged joint probabilities `[B, Q, T + Q]` of an added-KV `Attention`, text columns first.
+
+    Mirrors `AttnAddedKVProcessor2_0` up to its `scaled_dot_product_attention`.
+    """
+    b, c = hidden_states.shape[:2]
+    x = hidden_states.view(b, c, -1).transpose(1, 2)
+    context = encoder_hidden_states
+    if context is not None and attn.norm_cross:
+        context = attn.norm_encoder_hidden_states(context)
+    if attn.group_norm is not None:
+        x = attn.group_norm(x.transpose(1, 2)).transpose(1, 2)
+    heads = attn.heads
+    query = attn.to_q(x)
+    keys = [attn.add_k_proj(context if context is not None else x)]
+    if not attn.only_cross_attention:
+        keys.append(attn.to_k(x))
+    key = torch.cat(keys, dim=1)
+    head_dim = query.shape[-1] // heads
+    query = query.view(b, -1, heads, head_dim).transpose(1, 2)
+    key = key.view(b, -1, heads, head_dim).transpose(1, 2)
+    return head_averaged_softmax(query, key, float(attn.scale), attn, attention_mask)
+
+
+class DeepFloydIFFamily(SDUNetFamily):
+    """Adapter for DeepFloyd IF stage I and stage II pipelines."""
+
+    name = "deepfloyd_if"
+    default_levels = (4, 8)
+    probs_fn = staticmethod(joint_added_kv_probs)
+
+    def matches(self, pipe: Any) -> bool:
+        unet = getattr(pipe, "unet", None)
+        return isinstance(unet, UNet2DConditionModel) and any(
+            isinstance(m, Attention) and m.add_k_proj is not None for m in unet.modules()
+        )
+
+    def preset_overrides(self, pipe: Any) -> dict[str, dict[str, Any]]:
+        stage_one = "SuperResolution" not in type(pipe).__name__
+        official: dict[str, Any] = {"rate_clamp": None, "layers_per_level": 3}
+        if stage_one:
+            official["benchmark"] = "mean"
+        return {"official": official}
+
+    def layer_pairs(self, denoiser: nn.Module) -> list[LayerPair]:
+        levels = _block_levels(denoiser)  # type: ignore[arg-type]
+        pairs = []
+        for name, module in denoiser.named_modules():
+            if isinstance(module, Attention) and module.add_k_proj is not None:
+                prefix = "mid_block" if name.startswith("mid_block") else ".".join(name.split(".")[:2])
+                self_name = None if module.only_cross_attention else name
+                pairs.append(LayerPair(cross=name, self_attn=self_name, level=levels[prefix]))
+        return sorted(pairs, key=lambda pair: forward_rank(pair.cross))
+
+    def layer_inputs(
+        self, pair: LayerPair, probs: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        joint = probs[pair.cross]
+        num_text = joint.shape[2] - joint.shape[1] if pair.self_attn is not None else joint.shape[2]
+        return joint[..., :num_text], (joint[..., num_text:] if pair.self_attn is not None else None)
+
+    def guided_channels(self, denoiser: nn.Module) -> int | None:
+        return int(denoiser.config.out_channels) // 2
+
+
+FAMILY = DeepFloydIFFamily()
