@@ -233,3 +233,110 @@ def tiny_sdxl_path(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-sdxl")
     build_tiny_sdxl(str(folder))
     return folder
+
+
+def write_t5_tokenizer(folder) -> None:
+    """A T5 (Unigram) tokenizer over the test words: no start token, `</s>` at the end, `<pad>` after."""
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [("▁" + w, -1.0) for w in WORDS] + [(c, -5.0) for c in string.ascii_lowercase] + [("▁", -3.0)]
+    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=77)
+    tokenizer.save_pretrained(folder)
+
+
+def build_tiny_if(folder, stage: int = 1) -> None:
+    """Save a tiny DeepFloyd IF stage I (or II) pipeline: joint added-KV attention at latent/4 and latent/8."""
+    from diffusers import DDPMScheduler, IFPipeline, IFSuperResolutionPipeline, UNet2DConditionModel
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    write_t5_tokenizer(os.path.join(folder, "tokenizer_src"))
+    tokenizer = T5Tokenizer.from_pretrained(os.path.join(folder, "tokenizer_src"))
+    torch.manual_seed(0)
+    extra = {"class_embed_type": "timestep"} if stage == 2 else {}
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        layers_per_block=1,
+        block_out_channels=(8, 8, 16, 16),
+        down_block_types=(
+            "ResnetDownsampleBlock2D",
+            "ResnetDownsampleBlock2D",
+            "SimpleCrossAttnDownBlock2D",
+            "SimpleCrossAttnDownBlock2D",
+        ),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn",
+        up_block_types=(
+            "SimpleCrossAttnUpBlock2D",
+            "SimpleCrossAttnUpBlock2D",
+            "ResnetUpsampleBlock2D",
+            "ResnetUpsampleBlock2D",
+        ),
+        in_channels=3 if stage == 1 else 6,
+        out_channels=6,
+        cross_attention_dim=32,  # the cross-attention group norm has 32 groups
+        encoder_hid_dim=16,
+        attention_head_dim=4,
+        addition_embed_type="text",
+        addition_embed_type_num_heads=2,
+        cross_attention_norm="group_norm",
+        resnet_time_scale_shift="scale_shift",
+        act_fn="gelu",
+        norm_num_groups=4,
+        **extra,
+    )
+    with torch.no_grad():
+        for name, param in unet.named_parameters():
+            if name.endswith(("to_q.weight", "to_k.weight", "add_k_proj.weight")):
+                param.mul_(4.0)
+    torch.manual_seed(0)
+    text_encoder = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=16,
+            d_ff=32,
+            num_layers=2,
+            num_heads=2,
+            d_kv=8,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="squaredcos_cap_v2",
+        thresholding=True,
+        dynamic_thresholding_ratio=0.95,
+        sample_max_value=1.0,
+        variance_type="learned_range",
+    )
+    common = dict(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        watermarker=None,
+        requires_safety_checker=False,
+    )
+    if stage == 1:
+        pipe = IFPipeline(**common)
+    else:
+        noising = DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
+        pipe = IFSuperResolutionPipeline(image_noising_scheduler=noising, **common)
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_if_path(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-if")
+    build_tiny_if(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_if2_path(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-if2")
+    build_tiny_if(str(folder), stage=2)
+    return folder

@@ -63,7 +63,7 @@ def test_sdxl_unit_rate_equals_plain_cfg_and_restores(tiny_sdxl):
     torch.testing.assert_close(forced, plain, rtol=1e-5, atol=1e-5)
     assert all(tiny_sdxl.unet.attn_processors[k] is v for k, v in before.items())
     assert not tiny_sdxl.unet._forward_hooks and not tiny_sdxl.unet._forward_pre_hooks
-    assert "encode_prompt" not in vars(tiny_sdxl)
+    assert type(tiny_sdxl) is StableDiffusionXLPipeline
 
 
 def test_sdxl_rejects_latent8(tiny_sdxl):

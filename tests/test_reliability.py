@@ -13,6 +13,7 @@ import psutil
 import pytest
 import torch
 from conftest import load_pipe
+from diffusers import StableDiffusionPipeline
 from test_reference import reference_sample, relative_close, scfg_sample
 
 import scfg
@@ -30,7 +31,7 @@ def is_restored(pipe, processors):
     return (
         all(unet.attn_processors[k] is v for k, v in processors.items())
         and not any(m._forward_pre_hooks or m._forward_hooks for m in unet.modules())
-        and "encode_prompt" not in vars(pipe)
+        and type(pipe).__call__ is StableDiffusionPipeline.__call__
     )
 
 

@@ -8,8 +8,9 @@ Three reversible hooks do the work, all removed on exit from the `with` block (a
    the masks, computes the rate map, and rewrites the conditional half of the prediction as
    `pred_uncond + rate * score`, so that the pipeline's own `pred_uncond + g * (pred_cond - pred_uncond)` yields
    `pred_uncond + g * rate * score`;
-3. an instance-level wrapper of `pipe.encode_prompt` that notes the prompts and `num_images_per_prompt` of the
-   call (for `region_tokens="words"` and the token strings in diagnostics).
+3. the pipeline's class is swapped for a same-named subclass whose `__call__` notes each call's prompts,
+   `num_images_per_prompt` and guidance scale (for `region_tokens="words"`, token strings in diagnostics, and
+   pipelines such as DeepFloyd IF that keep the scale in a local variable); the class is swapped back on exit.
 
 The step boundary is the denoiser's forward pass itself; nothing counts calls.
 """
@@ -102,6 +103,7 @@ class SemanticGuidance:
         self._stack: ExitStack | None = None
         self._prompt: _PromptInfo | None = None
         self._step: tuple[int | None, float, float] | None = None
+        self._call_scale: float | None = None
         self._warned: set[str] = set()
 
     def _select_pairs(self, pairs: list[LayerPair]) -> list[LayerPair]:
@@ -138,7 +140,7 @@ class SemanticGuidance:
             stack.enter_context(self._capture)
             stack.callback(self.denoiser.register_forward_pre_hook(self._begin_pass, with_kwargs=True).remove)
             stack.callback(self.denoiser.register_forward_hook(self._finish_pass, with_kwargs=True).remove)
-            self._wrap_encode_prompt(stack)
+            self._wrap_call(stack)
             stack.callback(self._reset)
         except BaseException:
             stack.close()
@@ -154,29 +156,36 @@ class SemanticGuidance:
     def _reset(self) -> None:
         self._prompt = None
         self._step = None
+        self._call_scale = None
 
-    def _wrap_encode_prompt(self, stack: ExitStack) -> None:
-        pipe = self.pipe
-        original = getattr(pipe, "encode_prompt", None)
-        if original is None:
-            return
-        own = vars(pipe)
-        had_own, previous = "encode_prompt" in own, own.get("encode_prompt")
-        signature = inspect.signature(original)
+    def _wrap_call(self, stack: ExitStack) -> None:
+        """Observe each pipeline call's arguments through a same-named subclass, swapped back on exit.
 
-        def encode_prompt(*args: Any, **kwargs: Any) -> Any:
-            bound = signature.bind_partial(*args, **kwargs).arguments
-            self._prompt = self._tokenize(bound.get("prompt"), bound.get("num_images_per_prompt", 1) or 1)
-            return original(*args, **kwargs)
+        `pipe(...)` looks `__call__` up on the type, so an instance attribute cannot intercept it. The call's
+        arguments give the prompts (token strings, `region_tokens="words"`), `num_images_per_prompt`, and the
+        guidance scale of pipelines that keep it in a local variable (DeepFloyd IF).
+        """
+        pipe, original_cls = self.pipe, type(self.pipe)
+        signature = inspect.signature(original_cls.__call__)
+        guard = self
 
-        def restore() -> None:
-            if had_own:
-                object.__setattr__(pipe, "encode_prompt", previous)
-            else:
-                vars(pipe).pop("encode_prompt", None)
+        def __call__(pipeline: Any, *args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind(pipeline, *args, **kwargs)
+            bound.apply_defaults()
+            guard._begin_call(bound.arguments)
+            return original_cls.__call__(pipeline, *args, **kwargs)
 
-        object.__setattr__(pipe, "encode_prompt", encode_prompt)
-        stack.callback(restore)
+        observed = type(
+            original_cls.__name__, (original_cls,), {"__call__": __call__, "__module__": original_cls.__module__}
+        )
+        observed.__qualname__ = original_cls.__qualname__
+        object.__setattr__(pipe, "__class__", observed)
+        stack.callback(object.__setattr__, pipe, "__class__", original_cls)
+
+    def _begin_call(self, arguments: dict[str, Any]) -> None:
+        self._prompt = self._tokenize(arguments.get("prompt"), arguments.get("num_images_per_prompt") or 1)
+        scale = arguments.get("guidance_scale")
+        self._call_scale = float(scale) if isinstance(scale, int | float) else None
 
     def _tokenize(self, prompt: str | list[str] | None, num_images_per_prompt: int) -> _PromptInfo | None:
         tokenizer = getattr(self.pipe, "tokenizer", None) or getattr(self.pipe, "tokenizer_2", None)
@@ -201,11 +210,8 @@ class SemanticGuidance:
     def _begin_pass(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._capture.finish()
         self._step = None
-        try:
-            if not self.pipe.do_classifier_free_guidance:
-                return
-            guidance_scale = float(self.pipe.guidance_scale)
-        except AttributeError:  # the denoiser was called outside a pipeline call
+        guidance_scale = self._guidance_scale()
+        if guidance_scale is None:
             return
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         step, num_steps = self._step_index(timestep)
@@ -219,6 +225,16 @@ class SemanticGuidance:
             guidance_scale,
         )
         self._capture.begin(self.family.latent_hw(args, kwargs))
+
+    def _guidance_scale(self) -> float | None:
+        """The scale of the running call if it does CFG, else None (plain sampling, or no pipeline call)."""
+        try:
+            if not self.pipe.do_classifier_free_guidance:
+                return None
+            return float(self.pipe.guidance_scale)
+        except AttributeError:  # pipelines that keep them local: CFG iff guidance_scale > 1
+            scale = self._call_scale
+            return scale if scale is not None and scale > 1.0 else None
 
     def _step_index(self, timestep: Any) -> tuple[int | None, int]:
         timesteps = getattr(getattr(self.pipe, "scheduler", None), "timesteps", None)
