@@ -1,7 +1,7 @@
 """An exact scorer for images of the demo domain: find objects by colour, classify shape, size and position.
 
-Detection: every pixel far from the white background goes to its nearest palette colour (if close enough);
-8-connected components per colour, small specks dropped. Shape from the fill ratio of the bounding box (square
+Detection: 8-connected components of the pixels far from the white background, small specks dropped; each
+component's colour is the palette colour most of its pixels are nearest to. Shape from the fill ratio of the bounding box (square
 ~1.0, circle ~0.79, triangle ~0.5), size from the bounding box's longer side, position from the centroid.
 """
 
@@ -69,28 +69,37 @@ def parse_caption(caption: str) -> tuple[list[RequestedObject], str | None]:
     return objects, relation
 
 
-def detect(image: np.ndarray, min_area: int = 12, max_distance: float = 90.0) -> list[Detection]:
-    """Find the objects in a `[H, W, 3]` uint8 image. Pixel sizes are relative to a 64 px canvas."""
+def detect(
+    image: np.ndarray, min_area: int = 12, background_distance: float = 60.0, core_distance: float = 100.0
+) -> list[Detection]:
+    """Find the objects in a `[H, W, 3]` uint8 image. Pixel sizes are relative to a 64 px canvas.
+
+    Objects are 8-connected components of non-background pixels (objects never touch in this domain), so a
+    blurred edge whose hue drifts (yellow towards orange) stays part of its object; each object takes the
+    palette colour most of its pixels are nearest to.
+    """
     img = image.astype(np.float32)
     scale = image.shape[0] / 64
     distance = np.linalg.norm(img[:, :, None, :] - _PALETTE[None, None], axis=-1)  # [H, W, K]
     nearest = distance.argmin(axis=-1)
-    close = distance.min(axis=-1) < max_distance
-    background = np.linalg.norm(img - 255.0, axis=-1) < 60
+    foreground = np.linalg.norm(img - 255.0, axis=-1) >= background_distance
+    labels, count = ndimage.label(foreground, structure=np.ones((3, 3)))
     detections = []
-    for k, name in enumerate(_NAMES):
-        labels, count = ndimage.label((nearest == k) & close & ~background, structure=np.ones((3, 3)))
-        for index in range(1, count + 1):
-            mask = labels == index
-            area = int(mask.sum())
-            if area < min_area * scale**2:
-                continue
-            ys, xs = np.nonzero(mask)
-            height, width = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
-            fill = area / float(height * width)
-            shape = "square" if fill > 0.9 else "circle" if fill > 0.66 else "triangle"
-            size = "small" if max(height, width) / scale < _SMALL_MAX else "large"
-            detections.append(Detection(name, shape, size, (float(ys.mean()), float(xs.mean())), area, mask))
+    for index in range(1, count + 1):
+        mask = labels == index
+        area = int(mask.sum())
+        if area < min_area * scale**2:
+            continue
+        k = int(np.bincount(nearest[mask], minlength=len(_NAMES)).argmax())
+        # Shape from the object's core (pixels close to its colour): blurred fringes round off corners.
+        core = mask & (distance[:, :, k] < core_distance)
+        ys, xs = np.nonzero(core if core.sum() >= area // 2 else mask)
+        height, width = ys.max() - ys.min() + 1, xs.max() - xs.min() + 1
+        fill = len(ys) / float(height * width)
+        shape = "square" if fill > 0.86 else "circle" if fill > 0.64 else "triangle"
+        color = _NAMES[k]
+        size = "small" if max(height, width) / scale < _SMALL_MAX else "large"
+        detections.append(Detection(color, shape, size, (float(ys.mean()), float(xs.mean())), area, mask))
     return detections
 
 
