@@ -1,0 +1,109 @@
+"""S-CFG composes with ControlNet, img2img, inpainting and LoRA on SD 1.x (their processors are not replaced)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import (
+    ControlNetModel,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionImg2ImgPipeline,
+    StableDiffusionInpaintPipeline,
+)
+
+import scfg
+from scfg import SCFGConfig
+
+UNIT = SCFGConfig(rate_clamp=(1.0, 1.0), max_effective_scale=None)  # S-CFG that must equal CFG
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def three_ways(pipe, **kwargs):
+    """Plain CFG, S-CFG forced to rate 1, and S-CFG, all from the same seed; plus the recorder."""
+    kwargs = {"num_inference_steps": 3, "output_type": "pt", **kwargs}
+    plain = pipe(generator=gen(), **kwargs).images
+    with scfg.enable(pipe, UNIT):
+        unit = pipe(generator=gen(), **kwargs).images
+    recorder = scfg.Recorder()
+    with scfg.enable(pipe, on_step=recorder):
+        guided = pipe(generator=gen(), **kwargs).images
+    return plain, unit, guided, recorder
+
+
+def check(pipe, processors, plain, unit, guided, recorder, steps):
+    torch.testing.assert_close(unit, plain, rtol=1e-4, atol=1e-4)
+    assert torch.isfinite(guided).all() and not torch.allclose(guided, plain, atol=1e-4)
+    assert len(recorder.steps) == steps
+    assert all(pipe.unet.attn_processors[k] is v for k, v in processors.items())
+
+
+def test_controlnet(tiny_sd):
+    torch.manual_seed(0)
+    # the tiny VAE downsamples by 2, so the conditioning embedding must too
+    controlnet = ControlNetModel.from_unet(tiny_sd.unet, conditioning_embedding_out_channels=(16, 16))
+    pipe = StableDiffusionControlNetPipeline(**tiny_sd.components, controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    processors = dict(pipe.unet.attn_processors)
+    image = torch.rand(1, 3, 64, 96)
+    results = three_ways(pipe, prompt="a red cat", image=image, height=64, width=96)
+    check(pipe, processors, *results, steps=3)
+
+
+def test_img2img_guides_only_the_steps_it_runs(tiny_sd):
+    pipe = StableDiffusionImg2ImgPipeline(**tiny_sd.components)
+    pipe.set_progress_bar_config(disable=True)
+    processors = dict(pipe.unet.attn_processors)
+    image = torch.rand(1, 3, 64, 96)
+    results = three_ways(pipe, prompt="a red cat", image=image, strength=0.5, num_inference_steps=6)
+    check(pipe, processors, *results, steps=3)
+    assert [r.step for r in results[3].steps] == [3, 4, 5]
+
+
+def test_inpainting(tiny_sd):
+    pipe = StableDiffusionInpaintPipeline(**tiny_sd.components)
+    pipe.set_progress_bar_config(disable=True)
+    processors = dict(pipe.unet.attn_processors)
+    image, mask = torch.rand(1, 3, 64, 96), torch.zeros(1, 1, 64, 96)
+    mask[..., 16:48, 24:72] = 1
+    results = three_ways(pipe, prompt="a red cat", image=image, mask_image=mask, height=64, width=96, strength=1.0)
+    check(pipe, processors, *results, steps=3)
+
+
+def test_lora_adapters_are_seen_by_the_capture(tiny_sd):
+    pytest.importorskip("peft")
+    from peft import LoraConfig
+
+    x = torch.randn(1, 4, 32, 48, generator=gen(3))
+    kwargs = dict(height=64, width=96, num_inference_steps=2, output_type="latent")
+
+    def maps():
+        recorder = scfg.Recorder()
+        with scfg.enable(tiny_sd, on_step=recorder):
+            out = tiny_sd("a red cat on the sofa", latents=x.clone(), **kwargs).images
+        return out, torch.stack([r.token_rates for r in recorder.steps])
+
+    base_out, base_rates = maps()
+    tiny_sd.unet.add_adapter(
+        LoraConfig(
+            r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]
+        )
+    )
+    processors = dict(tiny_sd.unet.attn_processors)
+    with torch.no_grad():
+        for name, param in tiny_sd.unet.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5, generator=gen(4))
+    lora_out, lora_rates = maps()
+    assert not torch.allclose(lora_rates, base_rates)
+    tiny_sd.unet.fuse_lora() if hasattr(tiny_sd.unet, "fuse_lora") else None
+    tiny_sd.unet.unload_lora() if hasattr(tiny_sd.unet, "unload_lora") else None
+    fused_out, fused_rates = maps()
+    # the maps S-CFG computed with the adapter on equal those of the adapter merged into the weights
+    torch.testing.assert_close(lora_rates, fused_rates, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lora_out, fused_out, rtol=1e-4, atol=1e-4)
+    assert all(
+        tiny_sd.unet.attn_processors[k] is v for k, v in processors.items() if k in tiny_sd.unet.attn_processors
+    )
