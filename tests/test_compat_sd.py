@@ -85,7 +85,7 @@ def test_lora_adapters_are_seen_by_the_capture(tiny_sd):
             out = tiny_sd("a red cat on the sofa", latents=x.clone(), **kwargs).images
         return out, torch.stack([r.token_rates for r in recorder.steps])
 
-    base_out, base_rates = maps()
+    _, base_rates = maps()
     tiny_sd.unet.add_adapter(
         LoraConfig(
             r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"]
