@@ -3,6 +3,17 @@
 from .config import PRESETS, SCFGConfig, SCFGError
 from .diagnostics import Recorder, StepReport
 from .integration import SemanticGuidance, enable
+from .tokens import WordScale, parse_weighted_prompt
 
-__all__ = ["PRESETS", "Recorder", "SCFGConfig", "SCFGError", "SemanticGuidance", "StepReport", "enable"]
+__all__ = [
+    "PRESETS",
+    "Recorder",
+    "SCFGConfig",
+    "SCFGError",
+    "SemanticGuidance",
+    "StepReport",
+    "WordScale",
+    "enable",
+    "parse_weighted_prompt",
+]
 __version__ = "0.1.0"

@@ -73,7 +73,12 @@ def _optional_float(text: str) -> float | None:
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("prompt_arg", nargs="?", metavar="PROMPT", help="the prompt (or use --prompt)")
+    parser.add_argument(
+        "prompt_arg",
+        nargs="?",
+        metavar="PROMPT",
+        help='the prompt (or use --prompt); "a cat:1.5 on a sofa:0.7" scales the guidance of those words',
+    )
     parser.add_argument("--prompt", help="the prompt")
     parser.add_argument("--negative-prompt", default=None)
     parser.add_argument(
@@ -201,6 +206,9 @@ def _generate(pipe: Any, args: argparse.Namespace, prompt: str, config: SCFGConf
     import torch
 
     from .integration import enable
+    from .tokens import parse_weighted_prompt
+
+    prompt, scales = parse_weighted_prompt(prompt)  # "a cat:1.5 on a sofa": per-word guidance (S-CFG only)
 
     kwargs = dict(
         prompt=prompt,
@@ -212,9 +220,10 @@ def _generate(pipe: Any, args: argparse.Namespace, prompt: str, config: SCFGConf
         width=args.width,
         generator=torch.Generator("cpu").manual_seed(args.seed),
     )
+    kwargs["prompt"] = prompt
     if config is None:
         return pipe(**kwargs).images
-    with enable(pipe, config, on_step=on_step):
+    with enable(pipe, config, on_step=on_step, token_scales=scales or None):
         return pipe(**kwargs).images
 
 

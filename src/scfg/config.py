@@ -60,6 +60,9 @@ class SCFGConfig:
             Bounds on the per-pixel rate. `None` is the paper's text (no clamp).
         max_effective_scale (`float | None`, defaults to `15.0`):
             Caps `guidance_scale * rate` (the released code's `rate <= 15 / g`). `None` disables the cap.
+        token_scale_mode (`"multiply"` or `"replace"`, defaults to `"multiply"`):
+            How per-word scales (`scfg.enable(..., token_scales=...)` or the `word:1.5` prompt syntax) act on their
+            regions: multiply the automatic rate, or replace it.
         start_fraction (`float`, defaults to `0.0`):
             S-CFG is active on steps `i` with `start_fraction <= i / num_steps < stop_fraction`; other steps are
             plain CFG and capture nothing.
@@ -80,6 +83,7 @@ class SCFGConfig:
     benchmark: Literal["foreground", "mean"] = "foreground"
     rate_clamp: tuple[float, float] | None = (0.8, 3.0)
     max_effective_scale: float | None = 15.0
+    token_scale_mode: Literal["multiply", "replace"] = "multiply"
     start_fraction: float = 0.0
     stop_fraction: float = 1.0
 
@@ -99,6 +103,7 @@ class SCFGConfig:
             "region_tokens": ("all", "words"),
             "tie_break": ("multi_hot", "first"),
             "benchmark": ("foreground", "mean"),
+            "token_scale_mode": ("multiply", "replace"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -13,7 +13,7 @@ import torch
 
 from .segment import smooth, upsample_masks
 
-__all__ = ["GuidanceResult", "finish_rate_map", "region_rates", "semantic_guidance"]
+__all__ = ["GuidanceResult", "apply_token_scales", "finish_rate_map", "region_rates", "semantic_guidance"]
 
 
 @dataclass
@@ -90,6 +90,30 @@ def finish_rate_map(
     return smooth(rate, smoothing)
 
 
+def apply_token_scales(
+    rate: torch.Tensor,
+    token_masks: torch.Tensor,
+    token_scales: torch.Tensor,
+    mode: Literal["multiply", "replace"] = "multiply",
+) -> torch.Tensor:
+    """Apply user multipliers `token_scales` `[B, T]` (NaN: not set) to the regions of those tokens.
+
+    `"multiply"` multiplies the rate inside each scaled region; `"replace"` sets it to the scale (the effective
+    scale there is then `g * scale`). A pixel shared by several scaled regions takes their mean.
+
+    >>> m = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]])
+    >>> apply_token_scales(torch.full((1, 1, 1, 2), 2.0), m, torch.tensor([[1.5, float("nan")]]))
+    tensor([[[[3., 2.]]]])
+    """
+    is_set = ~torch.isnan(token_scales)
+    value = torch.where(is_set, token_scales, 0.0).to(rate.dtype)
+    owners = torch.einsum("bt,bthw->bhw", is_set.to(rate.dtype), token_masks)[:, None]
+    mean_scale = torch.einsum("bt,bthw->bhw", value, token_masks)[:, None] / owners.clamp_min(1)
+    if mode == "replace":
+        return torch.where(owners > 0, mean_scale, rate)
+    return torch.where(owners > 0, rate * mean_scale, rate)
+
+
 def semantic_guidance(
     pred_uncond: torch.Tensor,
     pred_cond: torch.Tensor,
@@ -101,6 +125,8 @@ def semantic_guidance(
     rate_clamp: tuple[float, float] | None = (0.8, 3.0),
     max_effective_scale: float | None = 15.0,
     smoothing: float | None = 0.5,
+    token_scales: torch.Tensor | None = None,
+    token_scale_mode: Literal["multiply", "replace"] = "multiply",
 ) -> GuidanceResult:
     """Apply per-region guidance scales: `pred_uncond + g * rate * (pred_cond - pred_uncond)` (steps 5-8).
 
@@ -113,6 +139,9 @@ def semantic_guidance(
         guidance_scale (`float`): `g`.
         benchmark (`str`): `"foreground"` (the paper) or `"mean"` (whole image, "S-CFG-mean").
         rate_clamp, max_effective_scale, smoothing: see `finish_rate_map`.
+        token_scales (`torch.Tensor`, *optional*): `[B, T]` user multipliers per token (NaN: not set), applied
+            after the clamp and cap (the user asked for them) and before smoothing; see `apply_token_scales`.
+        token_scale_mode (`str`): `"multiply"` or `"replace"`.
 
     Returns:
         `GuidanceResult`.
@@ -137,8 +166,11 @@ def semantic_guidance(
     bench_mask = torch.ones_like(foreground_mask) if benchmark == "mean" else foreground_mask
     rates, region_norms, bench_norm = region_rates(score_norm, token_masks, bench_mask)
     rate = torch.einsum("bt,bthw->bhw", rates, token_masks)[:, None]
-    # 7. clamp, cap, smooth.
-    rate = finish_rate_map(rate, guidance_scale, rate_clamp, max_effective_scale, smoothing)
+    # 7. clamp, cap, (user's per-word scales), smooth.
+    rate = finish_rate_map(rate, guidance_scale, rate_clamp, max_effective_scale, None)
+    if token_scales is not None:
+        rate = apply_token_scales(rate, token_masks, token_scales.to(rate.device), token_scale_mode)
+    rate = smooth(rate, smoothing)
     # 8. combine.
     guided = pred_uncond_hi + guidance_scale * rate * score
     return GuidanceResult(guided.to(pred_cond.dtype), rate, rates, region_norms, bench_norm)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +33,7 @@ from ..diagnostics import StepReport
 from ..families import LayerPair, ModelFamily, family_for
 from ..rule import semantic_guidance
 from ..segment import assign_regions, average_layer_maps, foreground_mask
+from ..tokens import WordScale, token_scale_tensor
 
 __all__ = ["SemanticGuidance", "enable"]
 
@@ -53,6 +54,7 @@ def enable(
     config: SCFGConfig | str | None = None,
     *,
     on_step: Callable[[StepReport], None] | None = None,
+    token_scales: Mapping[str, float] | Sequence[WordScale] | None = None,
 ) -> SemanticGuidance:
     """Apply S-CFG to `pipe` inside a `with` block.
 
@@ -62,6 +64,10 @@ def enable(
             Defaults to the `"official"` preset.
         on_step (`Callable[[StepReport], None]`, *optional*): called after every guided step with CPU tensors,
             e.g. a `scfg.Recorder()`. Costs a device-to-host copy per step; leave `None` for speed.
+        token_scales (*optional*): per-word guidance multipliers, `{"cat": 1.5}` (every occurrence) or the
+            `WordScale`s of `scfg.parse_weighted_prompt("a cat:1.5 on a sofa")`. They act on the regions those
+            words' tokens own, after the clamps (`config.token_scale_mode`: multiply or replace the rate).
+            A word that is in none of the prompts raises `SCFGError` listing the prompt's words.
 
     Example:
         ```py
@@ -69,7 +75,7 @@ def enable(
             image = pipe("a red cube on a blue sphere", guidance_scale=7.5).images[0]
         ```
     """
-    return SemanticGuidance(pipe, config, on_step=on_step)
+    return SemanticGuidance(pipe, config, on_step=on_step, token_scales=token_scales)
 
 
 class SemanticGuidance:
@@ -81,7 +87,9 @@ class SemanticGuidance:
         config: SCFGConfig | str | None = None,
         *,
         on_step: Callable[[StepReport], None] | None = None,
+        token_scales: Mapping[str, float] | Sequence[WordScale] | None = None,
     ) -> None:
+        self.token_scales = token_scales or None
         self.family: ModelFamily = family_for(pipe)
         if config is None:
             config = "official"
@@ -104,6 +112,7 @@ class SemanticGuidance:
         self._prompt: _PromptInfo | None = None
         self._step: tuple[int | None, float, float] | None = None
         self._call_scale: float | None = None
+        self._scales: torch.Tensor | None = None
         self._warned: set[str] = set()
 
     def _select_pairs(self, pairs: list[LayerPair]) -> list[LayerPair]:
@@ -157,6 +166,7 @@ class SemanticGuidance:
         self._prompt = None
         self._step = None
         self._call_scale = None
+        self._scales = None
 
     def _wrap_call(self, stack: ExitStack) -> None:
         """Observe each pipeline call's arguments through a same-named subclass, swapped back on exit.
@@ -183,7 +193,22 @@ class SemanticGuidance:
         stack.callback(object.__setattr__, pipe, "__class__", original_cls)
 
     def _begin_call(self, arguments: dict[str, Any]) -> None:
-        self._prompt = self._tokenize(arguments.get("prompt"), arguments.get("num_images_per_prompt") or 1)
+        n = arguments.get("num_images_per_prompt") or 1
+        self._prompt = self._tokenize(arguments.get("prompt"), n)
+        self._scales = None
+        if self.token_scales is not None:
+            if self._prompt is None:
+                raise SCFGError(
+                    "Expected a text `prompt` with `token_scales`, but got none (prompt_embeds?). Per-word scales "
+                    "need the prompt's words."
+                )
+            prompts = arguments["prompt"]
+            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+            per_prompt = self._prompt.token_ids[:: int(n)]
+            tokenizer = getattr(self.pipe, "tokenizer", None) or self.pipe.tokenizer_2
+            self._scales = token_scale_tensor(tokenizer, prompts, per_prompt, self.token_scales).repeat_interleave(
+                int(n), dim=0
+            )
         scale = arguments.get("guidance_scale")
         self._call_scale = float(scale) if isinstance(scale, int | float) else None
 
@@ -309,6 +334,8 @@ class SemanticGuidance:
             rate_clamp=config.rate_clamp,
             max_effective_scale=config.max_effective_scale,
             smoothing=config.rate_map_smoothing,
+            token_scales=self._scales if self._matches_prompt(token_src.shape[:2]) else None,
+            token_scale_mode=config.token_scale_mode,
         )
         if not torch.isfinite(result.rate_map).all():
             self._warn_once("nonfinite_rate", "The S-CFG rate map was not finite; this step uses plain CFG.")
