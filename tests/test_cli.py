@@ -125,3 +125,25 @@ def test_invalid_knob_names_the_field(tiny_sd_path, tmp_path, capsys):
     argv = ["generate", "x", "--model", str(tiny_sd_path), "--rate-clamp", "3", "1", "--out", str(tmp_path / "o")]
     assert main(argv) == 2
     assert "`rate_clamp`" in capsys.readouterr().err
+
+
+def test_compare_show_regions_writes_steps_and_curves(tiny_sd_path, tmp_path):
+    out = tmp_path / "c.png"
+    argv = [
+        "compare",
+        "a red cat:1.5",
+        "--model",
+        str(tiny_sd_path),
+        "--steps",
+        "3",
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--out",
+        str(out),
+        "--show-regions",
+    ]
+    assert main(argv) == 0
+    assert Image.open(tmp_path / "c-steps.gif").n_frames == 3
+    assert (tmp_path / "c-steps.png").exists() and (tmp_path / "c-rates.png").exists()

@@ -113,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance", choices=["scfg", "cfg"], default="scfg")
     cmp_ = sub.add_parser("compare", help="CFG and S-CFG side by side (same seed) plus the final region map")
     _common(cmp_)
+    cmp_.add_argument(
+        "--show-regions",
+        action="store_true",
+        help="also write per-step region maps and rate heatmaps (-steps.png, -steps.gif) and rate curves (-rates.png)",
+    )
     return parser
 
 
@@ -270,7 +275,7 @@ def cmd_compare(args: argparse.Namespace) -> list[Path]:
     pipe = load_pipeline(args.model, args.device, args.dtype)
     set_scheduler(pipe, args.scheduler)
     cfg_images = _generate(pipe, args, prompt, None)
-    recorder = Recorder(max_steps=1)
+    recorder = Recorder(max_steps=None if args.show_regions else 1)
     scfg_images = _generate(pipe, args, prompt, config, on_step=recorder)
     last = recorder.steps[-1] if recorder.steps else None
     info = _png_info(_metadata(args, prompt, "compare", config))
@@ -278,6 +283,14 @@ def cmd_compare(args: argparse.Namespace) -> list[Path]:
         panel = compare_panel(cfg_images[i], scfg_images[i], last, i, args.scale)
         panel.save(path, pnginfo=info)
         print(path)
+        if args.show_regions and recorder.steps:
+            from .viz import rate_curves, save_step_animation, step_grid
+
+            stem = path.with_suffix("")
+            step_grid(recorder.steps, i).save(f"{stem}-steps.png")
+            save_step_animation(recorder.steps, f"{stem}-steps.gif", i)
+            rate_curves(recorder.steps, i).save(f"{stem}-rates.png")
+            print(f"{stem}-steps.png\n{stem}-steps.gif\n{stem}-rates.png")
     return paths
 
 
