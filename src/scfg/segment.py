@@ -108,6 +108,7 @@ def layer_maps(
     grid: tuple[int, int],
     mask_grid: tuple[int, int],
     smoothing: float | None = 0.5,
+    reference: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Turn one layer's completed cross-attention into normalised token and foreground maps (steps 2b-2e).
 
@@ -116,10 +117,13 @@ def layer_maps(
         grid (`tuple[int, int]`): `(h, w)` of the layer, `h * w == Q`.
         mask_grid (`tuple[int, int]`): `(h, w)` of the mask grid; coarser maps are upsampled bilinearly.
         smoothing (`float | None`): `sigma` of the 3x3 Gaussian, or `None`.
+        reference (`torch.Tensor`, *optional*): `[B]` index of the token that plays the start token's role in
+            the foreground map (an attention sink); token 0 when `None` (CLIP's start token).
 
     Returns:
         `tuple[torch.Tensor, torch.Tensor]`: token maps `[B, T, h, w]` (each divided by its spatial mean) and
-        foreground maps `[B, 2, h, w]` (start token, sum of all other tokens; each divided by its spatial mean).
+        foreground maps `[B, 2, h, w]` (reference token, sum of all other tokens; each divided by its spatial
+        mean).
     """
     b, _q, t = completed.shape
     # 2b. [B, Q, T] -> [B, T, h, w]; the query index runs over rows first, like the latent.
@@ -134,8 +138,12 @@ def layer_maps(
     maps = smooth(maps, smoothing)
     # 2d. each token over its own spatial mean: attention to frequent tokens no longer wins everywhere.
     token = maps / (maps.mean(dim=(2, 3), keepdim=True) + _EPS)
-    # 2e. start token vs everything else.
-    fg = torch.stack([maps[:, 0], maps[:, 1:].sum(dim=1)], dim=1)
+    # 2e. start token (or the family's reference token) vs everything else.
+    if reference is None:
+        fg = torch.stack([maps[:, 0], maps[:, 1:].sum(dim=1)], dim=1)
+    else:
+        ref = maps[torch.arange(b, device=maps.device), reference.to(maps.device)]
+        fg = torch.stack([ref, maps.sum(dim=1) - ref], dim=1)
     fg = fg / (fg.mean(dim=(2, 3), keepdim=True) + _EPS)
     return token, fg
 
@@ -146,12 +154,14 @@ def average_layer_maps(
     completion: Literal["official", "power_mean", "none"] = "official",
     order: int = 4,
     smoothing: float | None = 0.5,
+    reference: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Complete, map and average every layer; each layer counts once (steps 2-3).
 
     Args:
         layers: `(cross_probs [B, Q, T], self_probs [B, Q, Q] or None, (h, w))` per layer.
         mask_grid: `(h, w)` of the finest grid used.
+        reference: see `layer_maps`.
 
     Returns:
         token maps `[B, T, h, w]` and foreground maps `[B, 2, h, w]`, averaged over layers.
@@ -160,7 +170,7 @@ def average_layer_maps(
     fg_total: torch.Tensor | None = None
     for cross_probs, self_probs, grid in layers:
         completed = complete_cross_attention(cross_probs, self_probs, completion, order)
-        token, fg = layer_maps(completed, grid, mask_grid, smoothing)
+        token, fg = layer_maps(completed, grid, mask_grid, smoothing, reference)
         token_total = token if token_total is None else token_total + token
         fg_total = fg if fg_total is None else fg_total + fg
     if token_total is None or fg_total is None:

@@ -84,6 +84,9 @@ class SDUNetFamily:
     def guided_channels(self, denoiser: nn.Module) -> int | None:
         return None  # every output channel is the prediction
 
+    def token_roles(self, cross_probs: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        return None, None  # CLIP: token 0 (start) is the reference; no masked tokens
+
     def latent_hw(self, args: tuple, kwargs: dict) -> tuple[int, int]:
         sample = args[0] if args else kwargs["sample"]
         return int(sample.shape[-2]), int(sample.shape[-1])

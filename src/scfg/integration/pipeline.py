@@ -113,6 +113,7 @@ class SemanticGuidance:
         self._step: tuple[int | None, float, float] | None = None
         self._call_scale: float | None = None
         self._scales: torch.Tensor | None = None
+        self._call_prompts: tuple[list[str] | None, int] = (None, 1)
         self._warned: set[str] = set()
 
     def _select_pairs(self, pairs: list[LayerPair]) -> list[LayerPair]:
@@ -167,6 +168,7 @@ class SemanticGuidance:
         self._step = None
         self._call_scale = None
         self._scales = None
+        self._call_prompts = (None, 1)
 
     def _wrap_call(self, stack: ExitStack) -> None:
         """Observe each pipeline call's arguments through a same-named subclass, swapped back on exit.
@@ -193,42 +195,41 @@ class SemanticGuidance:
         stack.callback(object.__setattr__, pipe, "__class__", original_cls)
 
     def _begin_call(self, arguments: dict[str, Any]) -> None:
-        n = arguments.get("num_images_per_prompt") or 1
-        self._prompt = self._tokenize(arguments.get("prompt"), n)
-        self._scales = None
-        if self.token_scales is not None:
-            if self._prompt is None:
-                raise SCFGError(
-                    "Expected a text `prompt` with `token_scales`, but got none (prompt_embeds?). Per-word scales "
-                    "need the prompt's words."
-                )
-            prompts = arguments["prompt"]
-            prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-            per_prompt = self._prompt.token_ids[:: int(n)]
-            tokenizer = getattr(self.pipe, "tokenizer", None) or self.pipe.tokenizer_2
-            self._scales = token_scale_tensor(tokenizer, prompts, per_prompt, self.token_scales).repeat_interleave(
-                int(n), dim=0
+        prompt = arguments.get("prompt")
+        if self.token_scales is not None and prompt is None:
+            raise SCFGError(
+                "Expected a text `prompt` with `token_scales`, but got none (prompt_embeds?). Per-word scales need "
+                "the prompt's words."
             )
+        prompts = None if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt)
+        self._call_prompts = (prompts, int(arguments.get("num_images_per_prompt") or 1))
+        self._prompt = None
+        self._scales = None
         scale = arguments.get("guidance_scale")
         self._call_scale = float(scale) if isinstance(scale, int | float) else None
 
-    def _tokenize(self, prompt: str | list[str] | None, num_images_per_prompt: int) -> _PromptInfo | None:
+    def _prepare_prompt(self, num_tokens: int) -> None:
+        """Tokenise the call's prompts to the text length the denoiser sees (77 for CLIP, 300 for PixArt...)."""
+        prompts, n = self._call_prompts
         tokenizer = getattr(self.pipe, "tokenizer", None) or getattr(self.pipe, "tokenizer_2", None)
-        if prompt is None or tokenizer is None:
-            return None
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if prompts is None or tokenizer is None:
+            return
+        if self._prompt is not None and self._prompt.token_ids.shape[1] == num_tokens:
+            return
         ids = tokenizer(
-            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+            prompts, padding="max_length", max_length=num_tokens, truncation=True, return_tensors="pt"
         ).input_ids
         special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
         words = ~torch.isin(ids, special)
         tokens = [tokenizer.convert_ids_to_tokens(row.tolist()) for row in ids]
-        n = int(num_images_per_prompt)
-        return _PromptInfo(
+        self._prompt = _PromptInfo(
             token_ids=ids.repeat_interleave(n, dim=0),
             word_mask=words.repeat_interleave(n, dim=0),
             tokens=[t for t in tokens for _ in range(n)],
         )
+        if self.token_scales is not None:
+            scales = token_scale_tensor(tokenizer, prompts, ids, self.token_scales)
+            self._scales = scales.repeat_interleave(n, dim=0)
 
     # -- one denoiser pass ------------------------------------------------------------------------------------
 
@@ -303,10 +304,13 @@ class SemanticGuidance:
             cross, self_probs = self.family.layer_inputs(pair, captured.probs)
             layers.append((cross, self_probs, grid))
         captured.probs.clear()
+        # Which token plays the start token's role, and which tokens are real (not masked padding): family-specific.
+        reference, valid = self.family.token_roles(layers[0][0])
         token_maps, fg_maps = average_layer_maps(
-            layers, mask_grid, config.completion, config.completion_order, config.token_map_smoothing
+            layers, mask_grid, config.completion, config.completion_order, config.token_map_smoothing, reference
         )
         del layers
+        self._prepare_prompt(token_maps.shape[1])
         halves = dict(zip(("uncond", "cond"), self.family.split_cfg_batch(token_maps), strict=True))
         fg_halves = dict(zip(("uncond", "cond"), self.family.split_cfg_batch(fg_maps), strict=True))
         token_src, fg_src = halves[config.token_source], fg_halves[config.foreground_source]
@@ -322,6 +326,11 @@ class SemanticGuidance:
             return pred
 
         allowed = self._allowed_tokens(token_src.shape[0], token_src.shape[1])
+        if valid is not None:
+            valid_src = dict(zip(("uncond", "cond"), self.family.split_cfg_batch(valid), strict=True))[
+                config.token_source
+            ]
+            allowed = valid_src if allowed is None else allowed & valid_src
         token_masks = assign_regions(token_src, allowed, config.tie_break)
         fg_mask = foreground_mask(fg_src)
         result = semantic_guidance(
