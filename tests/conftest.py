@@ -340,3 +340,74 @@ def tiny_if2_path(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-if2")
     build_tiny_if(str(folder), stage=2)
     return folder
+
+
+def build_tiny_pixart(folder) -> None:
+    """Save a tiny PixArtSigmaPipeline: 4 DiT blocks, patch 2, learned sigma, T5 with padding masks."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    write_t5_tokenizer(os.path.join(folder, "tokenizer_src"))
+    tokenizer = T5Tokenizer.from_pretrained(os.path.join(folder, "tokenizer_src"))
+    torch.manual_seed(0)
+    transformer = PixArtTransformer2DModel(
+        sample_size=16,
+        num_layers=4,
+        patch_size=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        caption_channels=16,
+        in_channels=4,
+        cross_attention_dim=16,
+        out_channels=8,
+        attention_bias=True,
+        activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+    )
+    with torch.no_grad():
+        for name, param in transformer.named_parameters():
+            if name.endswith(("to_q.weight", "to_k.weight")):
+                param.mul_(4.0)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8),
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=4,
+        sample_size=32,
+    )
+    torch.manual_seed(0)
+    text_encoder = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=16,
+            d_ff=32,
+            num_layers=2,
+            num_heads=2,
+            d_kv=8,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+    pipe = PixArtSigmaPipeline(
+        tokenizer=tokenizer,
+        text_encoder=text_encoder,
+        vae=vae,
+        transformer=transformer,
+        scheduler=DPMSolverMultistepScheduler(),
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_pixart_path(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-pixart")
+    build_tiny_pixart(str(folder))
+    return folder

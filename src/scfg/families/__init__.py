@@ -60,12 +60,12 @@ class ModelFamily(Protocol):
 
 
 def _families() -> list[ModelFamily]:
-    from . import deepfloyd_if, sd_unet, sdxl_unet
+    from . import deepfloyd_if, pixart, sd_unet, sdxl_unet
 
-    return [deepfloyd_if.FAMILY, sdxl_unet.FAMILY, sd_unet.FAMILY]  # first match wins
+    return [pixart.FAMILY, deepfloyd_if.FAMILY, sdxl_unet.FAMILY, sd_unet.FAMILY]  # first match wins
 
 
-FAMILIES = ("sd_unet", "sdxl_unet", "deepfloyd_if")
+FAMILIES = ("sd_unet", "sdxl_unet", "deepfloyd_if", "pixart")
 
 
 def family_for(pipe: Any) -> ModelFamily:
@@ -75,6 +75,6 @@ def family_for(pipe: Any) -> ModelFamily:
             return family
     raise SCFGError(
         f"Expected a pipeline of a supported model family ({', '.join(FAMILIES)}: StableDiffusion 1.x/2.x, "
-        f"SDXL and DeepFloyd IF pipelines with a `UNet2DConditionModel`), but got {type(pipe).__name__} with denoiser "
+        f"SDXL, DeepFloyd IF and PixArt-alpha/Sigma pipelines), but got {type(pipe).__name__} with denoiser "
         f"{type(getattr(pipe, 'unet', getattr(pipe, 'transformer', None))).__name__}."
     )
