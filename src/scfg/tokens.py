@@ -64,39 +64,42 @@ def _word_spans(tokenizer: Any, ids: list[int], word: str) -> list[list[int]]:
 
 
 def token_scale_tensor(
-    tokenizer: Any,
+    segments: Sequence[tuple[Any, torch.Tensor]],
     prompts: Sequence[str],
-    token_ids: torch.Tensor,
     scales: Mapping[str, float] | Sequence[WordScale],
 ) -> torch.Tensor:
     """Return `[P, T]` multipliers per prompt token: the word's scale on its tokens, NaN where none is set.
 
     Args:
-        tokenizer: the pipeline's (first) tokenizer.
+        segments: `(tokenizer, token_ids [P, T_k])` for each consecutive part of the text sequence the denoiser
+            sees (one for CLIP models; SD3 has a CLIP part and a T5 part, `Σ T_k = T`).
         prompts: the `P` prompts of the call.
-        token_ids: `[P, T]` their padded token ids, as the text encoder saw them.
-        scales: `{"word": scale}` (every occurrence) or `WordScale`s (one occurrence each).
+        scales: `{"word": scale}` (every occurrence) or `WordScale`s (one occurrence each, counted per part).
 
     Raises:
         SCFGError: a word occurs in none of the prompts; the message lists each prompt's words.
     """
     items = [WordScale(w, float(s)) for w, s in scales.items()] if isinstance(scales, Mapping) else list(scales)
-    out = torch.full(token_ids.shape, float("nan"), dtype=torch.float32)
-    for item in items:
-        if not math.isfinite(item.scale) or item.scale < 0:
-            raise SCFGError(f"Expected the scale of `{item.word}` to be >= 0, but got {item.scale!r}.")
-        found = False
-        for row, ids in enumerate(token_ids.tolist()):
-            spans = _word_spans(tokenizer, ids, item.word)
-            if item.occurrence is not None:
-                spans = spans[item.occurrence : item.occurrence + 1]
-            for span in spans:
-                out[row, span] = item.scale
-                found = True
-        if not found:
+    parts = []
+    found = {i: False for i in range(len(items))}
+    for tokenizer, token_ids in segments:
+        out = torch.full(token_ids.shape, float("nan"), dtype=torch.float32)
+        for i, item in enumerate(items):
+            if not math.isfinite(item.scale) or item.scale < 0:
+                raise SCFGError(f"Expected the scale of `{item.word}` to be >= 0, but got {item.scale!r}.")
+            for row, ids in enumerate(token_ids.tolist()):
+                spans = _word_spans(tokenizer, ids, item.word)
+                if item.occurrence is not None:
+                    spans = spans[item.occurrence : item.occurrence + 1]
+                for span in spans:
+                    out[row, span] = item.scale
+                    found[i] = True
+        parts.append(out)
+    for i, item in enumerate(items):
+        if not found[i]:
             words = sorted({w for p in prompts for w in re.findall(r"[^\s,.;!?]+", p)})
             raise SCFGError(
                 f"Expected `{item.word}` to be a word of the prompt, but it is not (or was cut off at the "
                 f"tokenizer's length). The prompt's words are: {', '.join(words)}."
             )
-    return out
+    return torch.cat(parts, dim=1)

@@ -43,6 +43,10 @@ class ModelFamily(Protocol):
 
     def guided_channels(self, denoiser: nn.Module) -> int | None: ...
 
+    def tokenize(self, pipe: Any, prompts: list[str], num_tokens: int) -> list[tuple[Any, torch.Tensor]]:
+        """`(tokenizer, ids [P, T_k])` for each consecutive part of the `num_tokens` text tokens the denoiser sees."""
+        ...
+
     def token_roles(self, cross_probs: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """`[B]` index of the foreground's reference token (None: token 0) and `[B, T]` real (unmasked) tokens
         (None: all), from one layer's `[B, Q, T]` cross-attention."""

@@ -84,6 +84,13 @@ class SDUNetFamily:
     def guided_channels(self, denoiser: nn.Module) -> int | None:
         return None  # every output channel is the prediction
 
+    def tokenize(self, pipe: Any, prompts: list[str], num_tokens: int) -> list[tuple[Any, torch.Tensor]]:
+        tokenizer = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
+        if tokenizer is None:
+            return []
+        ids = tokenizer(prompts, padding="max_length", max_length=num_tokens, truncation=True, return_tensors="pt")
+        return [(tokenizer, ids.input_ids)]
+
     def token_roles(self, cross_probs: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         return None, None  # CLIP: token 0 (start) is the reference; no masked tokens
 

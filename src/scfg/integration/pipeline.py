@@ -211,25 +211,26 @@ class SemanticGuidance:
     def _prepare_prompt(self, num_tokens: int) -> None:
         """Tokenise the call's prompts to the text length the denoiser sees (77 for CLIP, 300 for PixArt...)."""
         prompts, n = self._call_prompts
-        tokenizer = getattr(self.pipe, "tokenizer", None) or getattr(self.pipe, "tokenizer_2", None)
-        if prompts is None or tokenizer is None:
+        if prompts is None or (self._prompt is not None and self._prompt.token_ids.shape[1] == num_tokens):
             return
-        if self._prompt is not None and self._prompt.token_ids.shape[1] == num_tokens:
+        segments = self.family.tokenize(self.pipe, prompts, num_tokens)
+        if not segments:
             return
-        ids = tokenizer(
-            prompts, padding="max_length", max_length=num_tokens, truncation=True, return_tensors="pt"
-        ).input_ids
-        special = torch.tensor(sorted(set(tokenizer.all_special_ids)))
-        words = ~torch.isin(ids, special)
-        tokens = [tokenizer.convert_ids_to_tokens(row.tolist()) for row in ids]
+        ids = torch.cat([part for _, part in segments], dim=1)
+        words = torch.cat(
+            [~torch.isin(part, torch.tensor(sorted(set(tok.all_special_ids)))) for tok, part in segments], dim=1
+        )
+        tokens = [
+            [t for tok, part in segments for t in tok.convert_ids_to_tokens(part[row].tolist())]
+            for row in range(len(prompts))
+        ]
         self._prompt = _PromptInfo(
             token_ids=ids.repeat_interleave(n, dim=0),
             word_mask=words.repeat_interleave(n, dim=0),
             tokens=[t for t in tokens for _ in range(n)],
         )
         if self.token_scales is not None:
-            scales = token_scale_tensor(tokenizer, prompts, ids, self.token_scales)
-            self._scales = scales.repeat_interleave(n, dim=0)
+            self._scales = token_scale_tensor(segments, prompts, self.token_scales).repeat_interleave(n, dim=0)
 
     # -- one denoiser pass ------------------------------------------------------------------------------------
 
