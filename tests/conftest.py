@@ -411,3 +411,105 @@ def tiny_pixart_path(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-pixart")
     build_tiny_pixart(str(folder))
     return folder
+
+
+def build_tiny_sd3(folder) -> None:
+    """Save a tiny StableDiffusion3Pipeline: 4 joint MMDiT blocks, two CLIP encoders and a T5 encoder."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+        T5Config,
+        T5EncoderModel,
+        T5Tokenizer,
+    )
+
+    write_tokenizer(os.path.join(folder, "clip_src"))
+    write_t5_tokenizer(os.path.join(folder, "t5_src"))
+    clip_tok = CLIPTokenizer.from_pretrained(os.path.join(folder, "clip_src"))
+    t5_tok = T5Tokenizer.from_pretrained(os.path.join(folder, "t5_src"))
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        num_layers=4,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        caption_projection_dim=16,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        out_channels=4,
+    )
+    with torch.no_grad():
+        for name, param in transformer.named_parameters():
+            if name.endswith(("to_q.weight", "to_k.weight", "add_k_proj.weight")):
+                param.mul_(4.0)
+    clip_config = dict(
+        vocab_size=len(clip_tok),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**clip_config))
+    torch.manual_seed(1)
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**clip_config))
+    torch.manual_seed(2)
+    text_encoder_3 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(t5_tok),
+            d_model=32,
+            d_ff=32,
+            num_layers=2,
+            num_heads=2,
+            d_kv=8,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8),
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=4,
+        sample_size=32,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tok,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=clip_tok,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=t5_tok,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_path(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-sd3")
+    build_tiny_sd3(str(folder))
+    return folder

@@ -58,18 +58,21 @@ class ModelFamily(Protocol):
 
     def latent_hw(self, args: tuple, kwargs: dict) -> tuple[int, int]: ...
 
+    def batch_size(self, args: tuple, kwargs: dict) -> int: ...
+
     def split_cfg_batch(self, pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def join_cfg_batch(self, pred_uncond: torch.Tensor, pred_cond: torch.Tensor) -> torch.Tensor: ...
 
 
 def _families() -> list[ModelFamily]:
-    from . import deepfloyd_if, pixart, sd_unet, sdxl_unet
+    from . import deepfloyd_if, pixart, sd3_mmdit, sd_unet, sdxl_unet
 
-    return [pixart.FAMILY, deepfloyd_if.FAMILY, sdxl_unet.FAMILY, sd_unet.FAMILY]  # first match wins
+    # first match wins
+    return [sd3_mmdit.FAMILY, pixart.FAMILY, deepfloyd_if.FAMILY, sdxl_unet.FAMILY, sd_unet.FAMILY]
 
 
-FAMILIES = ("sd_unet", "sdxl_unet", "deepfloyd_if", "pixart")
+FAMILIES = ("sd_unet", "sdxl_unet", "deepfloyd_if", "pixart", "sd3_mmdit")
 
 
 def family_for(pipe: Any) -> ModelFamily:
@@ -79,6 +82,6 @@ def family_for(pipe: Any) -> ModelFamily:
             return family
     raise SCFGError(
         f"Expected a pipeline of a supported model family ({', '.join(FAMILIES)}: StableDiffusion 1.x/2.x, "
-        f"SDXL, DeepFloyd IF and PixArt-alpha/Sigma pipelines), but got {type(pipe).__name__} with denoiser "
+        f"SDXL, DeepFloyd IF, PixArt-alpha/Sigma and SD3/3.5 pipelines), but got {type(pipe).__name__} with denoiser "
         f"{type(getattr(pipe, 'unet', getattr(pipe, 'transformer', None))).__name__}."
     )

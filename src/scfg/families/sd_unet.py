@@ -98,6 +98,10 @@ class SDUNetFamily:
         sample = args[0] if args else kwargs["sample"]
         return int(sample.shape[-2]), int(sample.shape[-1])
 
+    def batch_size(self, args: tuple, kwargs: dict) -> int:
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        return int(sample.shape[0])
+
     def split_cfg_batch(self, pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pred_uncond, pred_cond = pred.chunk(2)
         return pred_uncond, pred_cond

@@ -240,6 +240,11 @@ class SemanticGuidance:
         guidance_scale = self._guidance_scale()
         if guidance_scale is None:
             return
+        prompts, n = self._call_prompts
+        batch = self.family.batch_size(args, kwargs)
+        if prompts is not None and batch != 2 * len(prompts) * n:
+            # An extra pass that is not the CFG batch (e.g. SD3's skip-layer guidance on cond only): leave it alone.
+            return
         timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
         step, num_steps = self._step_index(timestep)
         if step is not None and num_steps:

@@ -1,0 +1,79 @@
+"""S-CFG on Stable Diffusion 3 (tiny MMDiT, CLIP + T5 text, flow matching)."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import StableDiffusion3Pipeline
+
+import scfg
+from scfg import SCFGConfig
+from scfg.families import LayerPair
+from scfg.families.sd3_mmdit import FAMILY, joint_image_query_probs
+
+KW = dict(num_inference_steps=3, output_type="latent", max_sequence_length=16)
+
+
+def load(path, dtype=torch.float32):
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(path), use_safetensors=True).to(dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_joint_attention_split_by_hand(tiny_sd3_path):
+    pipe = load(tiny_sd3_path)
+    attn = pipe.transformer.transformer_blocks[1].attn
+    image, text = torch.randn(2, 12, 16), torch.randn(2, 5, 16)
+    joint = joint_image_query_probs(attn, image, text)
+    assert attn.norm_q is None  # this tiny config has no qk-norm (SD3.5 has; the capture applies it when present)
+    q = attn.to_q(image).view(2, 12, 2, 8).transpose(1, 2)
+    k = torch.cat(
+        [attn.to_k(image).view(2, 12, 2, 8).transpose(1, 2), attn.add_k_proj(text).view(2, 5, 2, 8).transpose(1, 2)],
+        dim=2,
+    )
+    expected = (q @ k.transpose(-1, -2) / 8**0.5).softmax(-1).mean(1)
+    torch.testing.assert_close(joint, expected, rtol=1e-5, atol=1e-6)
+    cross, self_part = FAMILY.layer_inputs(LayerPair("x", "x", 2), {"x": joint})
+    torch.testing.assert_close(cross, expected[..., 12:] / expected[..., 12:].sum(-1, keepdim=True))
+    torch.testing.assert_close(self_part.sum(-1), torch.ones(2, 12))  # renormalised rows
+
+
+def test_sd3_per_sample_masks_and_clip_plus_t5_tokens(tiny_sd3_path):
+    pipe = load(tiny_sd3_path, torch.float64)
+    recorder = scfg.Recorder()
+    guard = scfg.enable(pipe, on_step=recorder)
+    assert [p.cross for p in guard.pairs] == ["transformer_blocks.1.attn", "transformer_blocks.2.attn"]
+    prompts = ["a red cat on the sofa", "a blue dog"]
+    gens = [torch.Generator().manual_seed(i) for i in range(4)]
+    with guard:
+        batched = pipe(prompts, num_images_per_prompt=2, height=64, width=96, generator=gens, **KW).images
+        singles = [
+            pipe(prompts[i // 2], height=64, width=96, generator=torch.Generator().manual_seed(i), **KW).images
+            for i in range(4)
+        ]
+    torch.testing.assert_close(batched, torch.cat(singles), rtol=1e-9, atol=1e-9)
+    report = recorder.steps[0]
+    assert report.token_masks.shape == (4, 77 + 16, 16, 24)
+    tokens = report.tokens[2]
+    assert tokens[:4] == ["<|startoftext|>", "a</w>", "blue</w>", "dog</w>"]
+    assert tokens[77:81] == ["▁a", "▁blue", "▁dog", "</s>"]
+
+
+def test_sd3_token_scales_cover_both_text_parts(tiny_sd3_path):
+    pipe = load(tiny_sd3_path)
+    with scfg.enable(pipe, token_scales={"cat": 2.0}) as guard:
+        pipe("a red cat", height=64, width=64, **KW)
+        scales = guard._scales
+    # "cat" is CLIP position 3 (after the start token) and T5 position 2 (no start token)
+    assert (~torch.isnan(scales[0])).nonzero().flatten().tolist() == [3, 77 + 2]
+
+
+def test_sd3_unit_rate_equals_plain_cfg_and_skip_layer_pass_is_left_alone(tiny_sd3_path):
+    pipe = load(tiny_sd3_path)
+    kwargs = dict(height=64, width=64, skip_guidance_layers=[1], skip_layer_guidance_start=0.0, **KW)
+    plain = pipe("a red cat", generator=torch.Generator().manual_seed(0), **kwargs).images
+    recorder = scfg.Recorder()
+    with scfg.enable(pipe, SCFGConfig(rate_clamp=(1.0, 1.0), max_effective_scale=None), on_step=recorder):
+        forced = pipe("a red cat", generator=torch.Generator().manual_seed(0), **kwargs).images
+    torch.testing.assert_close(forced, plain, rtol=1e-5, atol=1e-5)
+    assert len(recorder.steps) == 3  # only the CFG passes
+    assert type(pipe) is StableDiffusion3Pipeline and not pipe.transformer._forward_hooks
