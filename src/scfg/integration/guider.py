@@ -1,0 +1,119 @@
+"""S-CFG as a diffusers guider (`BaseGuidance`), for modular pipelines.
+
+```py
+from scfg.integration.guider import SemanticGuider
+
+pipe.update_components(guider=SemanticGuider(guidance_scale=7.5))
+```
+
+Modular pipelines run the conditional and unconditional batches as separate denoiser passes, wrapped in
+`prepare_models` / `cleanup_models`. The guider records attention only during those passes (hooks installed in
+`prepare_models`, removed in `cleanup_models`), then combines the two passes' maps exactly as the stock-pipeline
+integration combines the two halves of its `[uncond, cond]` batch.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from diffusers.configuration_utils import register_to_config
+from diffusers.guiders import ClassifierFreeGuidance
+from torch import nn
+
+from ..capture import CapturedPass
+from ..config import SCFGConfig, SCFGError
+from .pipeline import SemanticGuidance
+
+__all__ = ["SemanticGuider"]
+
+
+def _as_pipeline(denoiser: nn.Module) -> Any:
+    """The attributes the family lookup reads, for a bare denoiser."""
+    if hasattr(denoiser, "transformer_blocks") and not hasattr(denoiser, "down_blocks"):
+        return SimpleNamespace(transformer=denoiser)
+    if getattr(denoiser.config, "addition_embed_type", None) == "text_time":  # SDXL's UNet
+        return SimpleNamespace(unet=denoiser, text_encoder_2=None)
+    return SimpleNamespace(unet=denoiser)
+
+
+class SemanticGuider(ClassifierFreeGuidance):
+    """Semantic-aware CFG (Shen et al., CVPR 2024) as a guider.
+
+    Args:
+        guidance_scale, guidance_rescale, start, stop, enabled: as in `ClassifierFreeGuidance`.
+        scfg_config (`dict`, *optional*): `SCFGConfig.to_dict()` values; the family's `official` preset if `None`.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        guidance_scale: float = 7.5,
+        guidance_rescale: float = 0.0,
+        use_original_formulation: bool = False,
+        start: float = 0.0,
+        stop: float = 1.0,
+        enabled: bool = True,
+        scfg_config: dict | None = None,
+    ) -> None:
+        if use_original_formulation:
+            raise SCFGError("Expected `use_original_formulation=False`: S-CFG rescales `g * (cond - uncond)`.")
+        super().__init__(guidance_scale, guidance_rescale, False, start, stop, enabled)
+        self.scfg_config = SCFGConfig.from_dict(scfg_config) if scfg_config is not None else None
+        self.on_step = None  # set to a callable (e.g. scfg.Recorder()) for per-step reports
+        self._engine: SemanticGuidance | None = None
+        self._passes: dict[str, CapturedPass] = {}
+        self._handle: Any = None
+
+    def _engine_for(self, denoiser: nn.Module) -> SemanticGuidance:
+        if self._engine is None or self._engine.denoiser is not denoiser:
+            self._engine = SemanticGuidance(_as_pipeline(denoiser), self.scfg_config or "official")
+        self._engine.on_step = self.on_step
+        return self._engine
+
+    def set_state(self, step: int, num_inference_steps: int, timestep: torch.LongTensor) -> None:
+        super().set_state(step, num_inference_steps, timestep)
+        self._passes = {}
+
+    def prepare_models(self, denoiser: nn.Module) -> None:
+        super().prepare_models(denoiser)
+        if not self._is_cfg_enabled():
+            return
+        engine = self._engine_for(denoiser)
+        capture = engine._capture
+        capture.__enter__()
+        family = engine.family
+
+        def begin(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            capture.begin(family.latent_hw(args, kwargs))
+
+        self._handle = denoiser.register_forward_pre_hook(begin, with_kwargs=True)
+
+    def cleanup_models(self, denoiser: nn.Module) -> None:
+        if self._handle is None:
+            return
+        self._handle.remove()
+        self._handle = None
+        engine = self._engine_for(denoiser)
+        captured = engine._capture.finish()
+        engine._capture.__exit__(None, None, None)
+        if captured is not None:
+            # the first prepared batch is `pred_cond`, the second `pred_uncond` (`_input_predictions` order)
+            self._passes[self._input_predictions[self._count_prepared - 1]] = captured
+
+    def forward(self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor | None = None):
+        cond, uncond = self._passes.get("pred_cond"), self._passes.get("pred_uncond")
+        if not self._is_cfg_enabled() or pred_uncond is None or cond is None or uncond is None:
+            return super().forward(pred_cond, pred_uncond)
+        engine = self._engine
+        merged = CapturedPass(
+            latent_hw=cond.latent_hw, probs={k: torch.cat([uncond.probs[k], cond.probs[k]]) for k in cond.probs}
+        )
+        timestep = float(torch.as_tensor(self._timestep).flatten()[0]) if self._timestep is not None else 0.0
+        engine._step = (self._step, timestep, float(self.guidance_scale))
+        guided = engine._guide(torch.cat([pred_uncond, pred_cond]), merged)
+        self._passes = {}
+        new_uncond, new_cond = guided.chunk(2)
+        # CFG on (uncond, uncond + rate * score) is uncond + g * rate * score
+        return super().forward(new_cond, new_uncond)

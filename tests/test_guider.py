@@ -1,0 +1,52 @@
+"""The modular-pipeline guider: separate cond/uncond passes give the same result as the stock integration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import scfg
+from scfg import SCFGError
+from scfg.integration.guider import SemanticGuider
+
+
+def test_guider_matches_stock_integration(tiny_sd):
+    pipe = tiny_sd.to(torch.float64)
+    unet = pipe.unet
+    cond_emb, uncond_emb = pipe.encode_prompt("a red cat on the sofa", "cpu", 1, True, "green")
+    x = torch.randn(1, 4, 32, 48, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    t = torch.tensor(500)
+
+    # reference: the stock integration on one [uncond, cond] pass
+    pipe._guidance_scale, pipe._guidance_rescale = 7.5, 0.0  # what the pipeline sets at the start of a call
+    recorder = scfg.Recorder()
+    with scfg.enable(pipe, on_step=recorder):
+        u, c = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond_emb, cond_emb])).sample.chunk(2)
+    expected = u + 7.5 * (c - u)
+
+    guider = SemanticGuider(guidance_scale=7.5)
+    guider.on_step = guider_recorder = scfg.Recorder()
+    guider.set_state(step=0, num_inference_steps=10, timestep=t)
+    preds = {}
+    for name, emb in [("pred_cond", cond_emb), ("pred_uncond", uncond_emb)]:  # modular order: cond first
+        guider.prepare_models(unet)
+        preds[name] = unet(x, t, encoder_hidden_states=emb).sample
+        guider.cleanup_models(unet)
+    out = guider.forward(**preds).pred
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
+    assert torch.equal(guider_recorder.steps[0].token_masks, recorder.steps[0].token_masks)
+    assert not unet._forward_pre_hooks and not any(m._forward_pre_hooks for m in unet.modules())
+
+
+def test_guider_outside_cfg_is_plain(tiny_sd):
+    guider = SemanticGuider(guidance_scale=1.0)
+    guider.set_state(step=0, num_inference_steps=10, timestep=torch.tensor(500))
+    guider.prepare_models(tiny_sd.unet)
+    guider.cleanup_models(tiny_sd.unet)
+    pred = torch.randn(1, 4, 8, 8)
+    assert torch.equal(guider.forward(pred).pred, pred)
+
+
+def test_guider_rejects_original_formulation():
+    with pytest.raises(SCFGError, match="use_original_formulation"):
+        SemanticGuider(use_original_formulation=True)
