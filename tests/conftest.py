@@ -54,12 +54,17 @@ def write_tokenizer(folder) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def build_tiny_sd(folder, prediction_type: str = "epsilon") -> None:
+def build_tiny_sd(folder, prediction_type: str = "epsilon", demo_vocabulary: bool = False) -> None:
     """Save a tiny StableDiffusionPipeline whose UNet has cross-attention at latent/4 and latent/8."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    write_tokenizer(os.path.join(folder, "tokenizer_src"))
+    if demo_vocabulary:
+        from scfg.demo.data import write_tokenizer as write_demo_tokenizer
+
+        write_demo_tokenizer(os.path.join(folder, "tokenizer_src"), max_length=24)
+    else:
+        write_tokenizer(os.path.join(folder, "tokenizer_src"))
     tokenizer = CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer_src"))
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -98,7 +103,7 @@ def build_tiny_sd(folder, prediction_type: str = "epsilon") -> None:
             intermediate_size=32,
             num_hidden_layers=2,
             num_attention_heads=2,
-            max_position_embeddings=77,
+            max_position_embeddings=tokenizer.model_max_length,
             bos_token_id=0,
             eos_token_id=1,
             pad_token_id=1,
@@ -130,6 +135,14 @@ def build_tiny_sd(folder, prediction_type: str = "epsilon") -> None:
 def tiny_sd_path(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-sd")
     build_tiny_sd(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_demo_path(tmp_path_factory):
+    """A tiny SD pipeline with the demo domain's word-level vocabulary (untrained)."""
+    folder = tmp_path_factory.mktemp("tiny-demo")
+    build_tiny_sd(str(folder), demo_vocabulary=True)
     return folder
 
 

@@ -71,3 +71,47 @@ def test_demo_tokenizer_has_one_token_per_word(tmp_path):
     tokenizer = CLIPTokenizer.from_pretrained(str(tmp_path))
     ids = tokenizer("a small red circle left of a large blue square").input_ids
     assert len(ids) == 2 + 10
+
+
+def test_held_out_prompts_are_fixed_and_mixed():
+    from scfg.demo.bench import held_out_prompts
+
+    prompts = held_out_prompts(20)
+    assert prompts == held_out_prompts(20) and len(set(prompts)) == 20
+    counts = [len(parse_caption(p)[0]) for p in prompts]
+    assert counts.count(1) == 5 and counts.count(2) == 9 and counts.count(3) == 6
+
+
+def test_object_token_positions_follow_the_caption():
+    from scfg.demo.bench import _object_token_positions
+
+    assert _object_token_positions("a small red circle left of a large blue square") == [[3, 4], [9, 10]]
+
+
+def test_benchmark_runs_end_to_end_on_a_tiny_model(tiny_demo_path, tmp_path):
+    import json
+
+    from scfg.cli import main
+
+    argv = [
+        "bench-compositional",
+        "--model",
+        str(tiny_demo_path),
+        "--prompts",
+        "4",
+        "--seeds",
+        "1",
+        "--scales",
+        "5",
+        "--steps",
+        "3",
+        "--out",
+        str(tmp_path),
+    ]
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert [row["method"] for row in result["table"]] == ["cfg", "scfg-official", "scfg-paper"]
+    assert len(result["rows"]) == 12
+    cfg = result["table"][0]
+    assert cfg["spread_before"] == cfg["spread_after"]  # CFG does not rescale
+    assert (tmp_path / "samples.png").exists() and "| method |" in (tmp_path / "table.md").read_text()

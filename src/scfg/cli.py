@@ -118,7 +118,34 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also write per-step region maps and rate heatmaps (-steps.png, -steps.gif) and rate curves (-rates.png)",
     )
+    bench = sub.add_parser("bench-compositional", help="CFG vs S-CFG on the demo domain, scored exactly")
+    bench.add_argument("--model", default=None, help="default: the shipped demo model")
+    bench.add_argument("--prompts", type=int, default=60, help="held-out prompts (1-3 objects)")
+    bench.add_argument("--seeds", type=int, default=2, help="seeds per prompt")
+    bench.add_argument("--scales", type=float, nargs="+", default=[3.0, 5.0, 7.5])
+    bench.add_argument(
+        "--methods",
+        nargs="+",
+        default=["cfg", "scfg-official", "scfg-paper"],
+        choices=["cfg", "scfg-official", "scfg-paper"],
+    )
+    bench.add_argument("--steps", type=int, default=25)
+    bench.add_argument("--batch-size", type=int, default=16)
+    bench.add_argument("--device", default=None)
+    bench.add_argument("--out", default="bench", help="folder for results.json, table.md, samples.png")
     return parser
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    from .demo.bench import format_table, run_benchmark
+
+    pipe = load_pipeline(args.model, args.device, "float32")
+    pipe.set_progress_bar_config(disable=True)
+    result = run_benchmark(
+        pipe, args.prompts, args.seeds, tuple(args.scales), tuple(args.methods), args.steps, args.batch_size, args.out
+    )
+    print(format_table(result["table"]))
+    print(f"{len(result['rows'])} images in {result['seconds']} s; written to {args.out}/")
 
 
 def config_from_args(args: argparse.Namespace) -> SCFGConfig:
@@ -305,8 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             cmd_generate(args)
-        else:
+        elif args.command == "compare":
             cmd_compare(args)
+        else:
+            cmd_bench(args)
     except SCFGError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
