@@ -133,7 +133,85 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-size", type=int, default=16)
     bench.add_argument("--device", default=None)
     bench.add_argument("--out", default="bench", help="folder for results.json, table.md, samples.png")
+    ev = sub.add_parser("eval", help="generate over prompts x methods x scales, then FID/CLIP reports")
+    ev_sub = ev.add_subparsers(dest="eval_command", required=True)
+    gen_ev = ev_sub.add_parser("generate", help="generate the run's images (resumable; works under accelerate)")
+    gen_ev.add_argument("--model", default=None, help="default: the shipped demo model")
+    gen_ev.add_argument("--prompts", required=True, help=".txt/.csv/.jsonl captions, or builtin:compositional")
+    gen_ev.add_argument("--limit", type=int, default=None, help="use the first N prompts")
+    gen_ev.add_argument(
+        "--methods",
+        nargs="+",
+        default=["cfg", "scfg-official"],
+        choices=["cfg", "scfg-official", "scfg-paper", "scfg-mean"],
+    )
+    gen_ev.add_argument("--scales", type=float, nargs="+", default=[3.0, 5.0, 7.5])
+    gen_ev.add_argument("--images-per-prompt", type=int, default=1)
+    gen_ev.add_argument("--steps", type=int, default=30)
+    gen_ev.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=None)
+    gen_ev.add_argument("--batch-size", type=int, default=8)
+    gen_ev.add_argument("--seed", type=int, default=0, help="base seed; image seeds depend on (prompt, index)")
+    gen_ev.add_argument("--height", type=int, default=None)
+    gen_ev.add_argument("--width", type=int, default=None)
+    gen_ev.add_argument("--device", default=None, help="default: this process's accelerate device")
+    gen_ev.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None)
+    gen_ev.add_argument("--out", dest="run", required=True, help="run folder (images, manifests)")
+    rep = ev_sub.add_parser("report", help="metrics and plots for a run")
+    rep.add_argument("--out", dest="run", required=True, help="the run folder of `scfg eval generate`")
+    rep.add_argument("--reference", default=None, help="folder of reference images or .npz (mu, sigma) for FID")
+    rep.add_argument("--fid-weights", default=None, help="local Inception weights (torch-fidelity .pth) for FID")
+    rep.add_argument("--fid-size", type=int, default=299)
+    rep.add_argument("--clip-model", default=None, help="local CLIP folder (or hub id) for the CLIP score")
     return parser
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    if args.eval_command == "generate":
+        import torch
+        from accelerate import PartialState
+
+        from .eval.prompts import load_prompts
+        from .eval.runner import run_generation
+
+        state = PartialState(cpu=not torch.cuda.is_available())  # CPU-only: gloo processes (torchrun/accelerate)
+        device = args.device or str(state.device)
+        pipe = load_pipeline(args.model, device, args.dtype)
+        pipe.set_progress_bar_config(disable=True)
+        set_scheduler(pipe, args.scheduler)
+        rows = run_generation(
+            pipe,
+            load_prompts(args.prompts, args.limit),
+            args.run,
+            args.methods,
+            args.scales,
+            args.images_per_prompt,
+            args.steps,
+            args.batch_size,
+            args.seed,
+            {"height": args.height, "width": args.width},
+        )
+        if state.is_main_process:
+            print(f"{len(rows)} images in {args.run}/manifest.jsonl")
+        return
+    from .eval.report import build_report
+
+    fid_fn = clip_fn = None
+    if args.reference is not None:
+        from .eval.metrics import fid
+
+        def fid_fn(paths):
+            return fid(paths, args.reference, weights=args.fid_weights, size=args.fid_size)
+
+    if args.clip_model is not None:
+        from .eval.metrics import clip_scores
+
+        def clip_fn(paths, prompts):
+            return clip_scores(paths, prompts, args.clip_model)
+
+    table = build_report(args.run, fid_fn, clip_fn)
+    for entry in table:
+        print(json.dumps(entry))
+    print(f"written: {args.run}/report.json, report.csv, plots.png, grid.png")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -325,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    if args.model is None:
+    if getattr(args, "model", "") is None:
         args.model = default_model()
         if args.model is None:
             parser.error("--model is required (no demo model is installed): a hub id or a local diffusers folder")
@@ -334,6 +412,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_generate(args)
         elif args.command == "compare":
             cmd_compare(args)
+        elif args.command == "eval":
+            cmd_eval(args)
         else:
             cmd_bench(args)
     except SCFGError as err:
