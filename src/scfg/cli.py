@@ -133,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-size", type=int, default=16)
     bench.add_argument("--device", default=None)
     bench.add_argument("--out", default="bench", help="folder for results.json, table.md, samples.png")
+    ui = sub.add_parser("ui", help="web UI (Gradio): CFG and S-CFG side by side with regions")
+    ui.add_argument("--model", default=None, help="default: the shipped demo model")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=7860)
     ev = sub.add_parser("eval", help="generate over prompts x methods x scales, then FID/CLIP reports")
     ev_sub = ev.add_subparsers(dest="eval_command", required=True)
     gen_ev = ev_sub.add_parser("generate", help="generate the run's images (resumable; works under accelerate)")
@@ -403,6 +407,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    if args.command == "ui":
+        from .ui import main as ui_main
+
+        ui_main([*(["--model", args.model] if args.model else []), "--host", args.host, "--port", str(args.port)])
+        return 0
     if getattr(args, "model", "") is None:
         args.model = default_model()
         if args.model is None:
