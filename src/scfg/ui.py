@@ -133,7 +133,7 @@ def build_app(default_model: str | None = None):
     models = _Models()
     model_default = default_model or shipped() or ""
 
-    def run(model, prompt, negative_prompt, preset, scale, steps, seed, height, width, progress=gr.Progress()):
+    def run(model, prompt, negative_prompt, preset, scale, steps, seed, height, width, progress=gr.Progress()):  # noqa: B008 (Gradio injects progress this way)
         try:
             validate(prompt, int(height), int(width), int(steps), float(scale))
             if not model:
