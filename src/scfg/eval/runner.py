@@ -154,6 +154,8 @@ def run_generation(
     jobs = plan_jobs(list(prompts), list(methods), list(scales), images_per_prompt, base_seed)
     done = _done(run)
     todo = [j for j in jobs if j.relpath not in done]
+    # Every process must split the same list: none may start writing before all have read what is done.
+    state.wait_for_everyone()
     manifest = run / f"manifest-{state.process_index}.jsonl"
     written: list[dict[str, Any]] = []
     with state.split_between_processes(todo) as mine:
