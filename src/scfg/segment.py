@@ -144,7 +144,9 @@ def layer_maps(
     else:
         ref = maps[torch.arange(b, device=maps.device), reference.to(maps.device)]
         fg = torch.stack([ref, maps.sum(dim=1) - ref], dim=1)
-    fg = fg / (fg.mean(dim=(2, 3), keepdim=True) + _EPS)
+    # no epsilon here (the released code has none); an all-zero channel (no other tokens) stays zero
+    fg_mean = fg.mean(dim=(2, 3), keepdim=True)
+    fg = fg / torch.where(fg_mean > 0, fg_mean, torch.ones_like(fg_mean))
     return token, fg
 
 
