@@ -248,6 +248,8 @@ class Trainer:
     # -- export ---------------------------------------------------------------------------------------------------
 
     def export(self, folder: str) -> None:
+        """Write the EMA weights as a StableDiffusionPipeline folder (UNet stored in float16: under 20 MB in all),
+        a sample grid, the model card and the checksums of every file."""
         from diffusers import StableDiffusionPipeline
 
         vae = copy.deepcopy(self.vae)
@@ -256,17 +258,34 @@ class Trainer:
             vae=vae,
             text_encoder=self.ema_text,
             tokenizer=self.tokenizer,
-            unet=self.ema_unet,
+            unet=copy.deepcopy(self.ema_unet).to(torch.float16),
             scheduler=self.scheduler,
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
         )
         pipe.save_pretrained(folder, safe_serialization=True)
+        state = {k: self.state[k] for k in ("vae_step", "step", "scaling_factor", "seconds", "losses")}
         with open(os.path.join(folder, "training_state.json"), "w") as f:
-            json.dump(
-                {k: self.state[k] for k in ("vae_step", "step", "scaling_factor", "seconds", "losses")}, f, indent=1
-            )
+            json.dump(state, f, indent=1)
+        write_checksums(folder)
+
+
+def write_checksums(folder: str) -> None:
+    """`CHECKSUMS.sha256`: one `sha256  relative/path` line per weights and config file of the pipeline."""
+    import hashlib
+
+    lines = []
+    for root, _, files in sorted(os.walk(folder)):
+        for name in sorted(files):
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, folder)
+            if rel in ("CHECKSUMS.sha256", "README.md", "samples.png", "LICENSE"):
+                continue
+            with open(path, "rb") as f:
+                lines.append(f"{hashlib.sha256(f.read()).hexdigest()}  {rel}")
+    with open(os.path.join(folder, "CHECKSUMS.sha256"), "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
