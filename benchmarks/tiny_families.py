@@ -37,6 +37,26 @@ FAMILIES = {
 }
 
 
+def time_family(pipe, kwargs: dict, steps: int, reps: int) -> dict[str, list[float]]:
+    """Seconds per step of CFG and S-CFG, interleaved, after one warm-up call of each."""
+
+    def cfg() -> None:
+        pipe("a red cat on the sofa", generator=torch.Generator().manual_seed(0), **kwargs)
+
+    def guided() -> None:
+        with scfg.enable(pipe):
+            pipe("a red cat on the sofa", generator=torch.Generator().manual_seed(0), **kwargs)
+
+    cfg(), guided()
+    times: dict[str, list[float]] = {"cfg": [], "scfg": []}
+    for _ in range(reps):
+        for key, fn in (("cfg", cfg), ("scfg", guided)):
+            t0 = time.perf_counter()
+            fn()
+            times[key].append((time.perf_counter() - t0) / steps)
+    return times
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=10)
@@ -56,20 +76,7 @@ def main() -> None:
             output = "pt" if name == "deepfloyd_if" else "latent"  # the time of the denoising loop only
             kwargs = dict(height=size, width=size, num_inference_steps=args.steps, output_type=output, **extra)
 
-            def cfg():
-                pipe("a red cat on the sofa", generator=torch.Generator().manual_seed(0), **kwargs)
-
-            def guided():
-                with scfg.enable(pipe):
-                    pipe("a red cat on the sofa", generator=torch.Generator().manual_seed(0), **kwargs)
-
-            cfg(), guided()  # warm-up
-            times: dict[str, list[float]] = {"cfg": [], "scfg": []}
-            for _ in range(args.reps):
-                for key, fn in (("cfg", cfg), ("scfg", guided)):
-                    t0 = time.perf_counter()
-                    fn()
-                    times[key].append((time.perf_counter() - t0) / args.steps)
+            times = time_family(pipe, kwargs, args.steps, args.reps)
             a, b = statistics.median(times["cfg"]), statistics.median(times["scfg"])
             print(f"| {name} | {size}x{size} | {a * 1000:.1f} ms | {b * 1000:.1f} ms | {b / a:.2f} |")
 
