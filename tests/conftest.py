@@ -54,9 +54,35 @@ def write_tokenizer(folder) -> None:
     tokenizer.save_pretrained(folder)
 
 
+def sharpen_attention(model, suffixes=("to_q.weight", "to_k.weight")) -> None:
+    """Scale query/key weights so that random attention has clear winners (random init is nearly uniform)."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(suffixes):
+                param.mul_(4.0)
+
+
+def tiny_vae(**overrides):
+    """A 2-block AutoencoderKL: 8 channels, downsampling by 2."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    config = dict(
+        block_out_channels=(8, 8),
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        norm_num_groups=4,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        sample_size=32,
+    )
+    return AutoencoderKL(**{**config, **overrides})
+
+
 def build_tiny_sd(folder, prediction_type: str = "epsilon", demo_vocabulary: bool = False) -> None:
     """Save a tiny StableDiffusionPipeline whose UNet has cross-attention at latent/4 and latent/8."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     if demo_vocabulary:
@@ -79,22 +105,8 @@ def build_tiny_sd(folder, prediction_type: str = "epsilon", demo_vocabulary: boo
         attention_head_dim=2,
         norm_num_groups=4,
     )
-    # Sharpen the random attention so that maps have clear winners (random init is nearly uniform).
-    with torch.no_grad():
-        for name, param in unet.named_parameters():
-            if name.endswith(("to_q.weight", "to_k.weight")):
-                param.mul_(4.0)
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 8),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=32,
-    )
+    sharpen_attention(unet)
+    vae = tiny_vae()
     torch.manual_seed(0)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
@@ -169,7 +181,7 @@ def tiny_sd(tiny_sd_path):
 
 def build_tiny_sdxl(folder) -> None:
     """Save a tiny StableDiffusionXLPipeline: attention at latent/2 and latent/4, two text encoders."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     write_tokenizer(os.path.join(folder, "tokenizer_src"))
@@ -192,21 +204,8 @@ def build_tiny_sdxl(folder) -> None:
         cross_attention_dim=32,
         norm_num_groups=4,
     )
-    with torch.no_grad():
-        for name, param in unet.named_parameters():
-            if name.endswith(("to_q.weight", "to_k.weight")):
-                param.mul_(4.0)
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 8),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=32,
-    )
+    sharpen_attention(unet)
+    vae = tiny_vae()
     text_config = dict(
         vocab_size=len(tokenizer),
         hidden_size=16,
@@ -297,10 +296,7 @@ def build_tiny_if(folder, stage: int = 1) -> None:
         norm_num_groups=4,
         **extra,
     )
-    with torch.no_grad():
-        for name, param in unet.named_parameters():
-            if name.endswith(("to_q.weight", "to_k.weight", "add_k_proj.weight")):
-                param.mul_(4.0)
+    sharpen_attention(unet, ("to_q.weight", "to_k.weight", "add_k_proj.weight"))
     torch.manual_seed(0)
     text_encoder = T5EncoderModel(
         T5Config(
@@ -357,7 +353,7 @@ def tiny_if2_path(tmp_path_factory):
 
 def build_tiny_pixart(folder) -> None:
     """Save a tiny PixArtSigmaPipeline: 4 DiT blocks, patch 2, learned sigma, T5 with padding masks."""
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
     from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
     write_t5_tokenizer(os.path.join(folder, "tokenizer_src"))
@@ -380,21 +376,8 @@ def build_tiny_pixart(folder) -> None:
         norm_elementwise_affine=False,
         norm_eps=1e-6,
     )
-    with torch.no_grad():
-        for name, param in transformer.named_parameters():
-            if name.endswith(("to_q.weight", "to_k.weight")):
-                param.mul_(4.0)
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 8),
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=4,
-        sample_size=32,
-    )
+    sharpen_attention(transformer)
+    vae = tiny_vae()
     torch.manual_seed(0)
     text_encoder = T5EncoderModel(
         T5Config(
@@ -429,7 +412,6 @@ def tiny_pixart_path(tmp_path_factory):
 def build_tiny_sd3(folder) -> None:
     """Save a tiny StableDiffusion3Pipeline: 4 joint MMDiT blocks, two CLIP encoders and a T5 encoder."""
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
@@ -460,10 +442,7 @@ def build_tiny_sd3(folder) -> None:
         pooled_projection_dim=32,
         out_channels=4,
     )
-    with torch.no_grad():
-        for name, param in transformer.named_parameters():
-            if name.endswith(("to_q.weight", "to_k.weight", "add_k_proj.weight")):
-                param.mul_(4.0)
+    sharpen_attention(transformer, ("to_q.weight", "to_k.weight", "add_k_proj.weight"))
     clip_config = dict(
         vocab_size=len(clip_tok),
         hidden_size=16,
@@ -494,19 +473,7 @@ def build_tiny_sd3(folder) -> None:
             decoder_start_token_id=0,
         )
     )
-    torch.manual_seed(0)
-    vae = AutoencoderKL(
-        block_out_channels=(8, 8),
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=4,
-        sample_size=32,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    vae = tiny_vae(use_quant_conv=False, use_post_quant_conv=False)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(),

@@ -47,6 +47,15 @@ def _fid_metric(feature: int | torch.nn.Module, weights: str | None):
     return FrechetInceptionDistance(feature=feature, **kwargs)
 
 
+def _mean_cov(metric, real: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and covariance of the features a torchmetrics FID has accumulated (float64)."""
+    prefix = "real" if real else "fake"
+    n = getattr(metric, f"{prefix}_features_num_samples")
+    mu = (getattr(metric, f"{prefix}_features_sum") / n).double()
+    cov = (getattr(metric, f"{prefix}_features_cov_sum") - n * torch.outer(mu, mu)) / (n - 1)
+    return mu, cov
+
+
 def _batches(paths: Sequence[Path], batch: int, size: int | None):
     for start in range(0, len(paths), batch):
         yield load_images(paths[start : start + batch], size)
@@ -64,9 +73,7 @@ def reference_stats(
     metric = _fid_metric(feature, weights)
     for images in _batches(_image_files(folder), batch, size):
         metric.update(images, real=True)
-    n = metric.real_features_num_samples
-    mu = (metric.real_features_sum / n).double()
-    cov = (metric.real_features_cov_sum - n * torch.outer(mu, mu)) / (n - 1)
+    mu, cov = _mean_cov(metric, real=True)
     np.savez(out, mu=mu.numpy(), sigma=cov.numpy())
 
 
@@ -84,18 +91,14 @@ def fid(
     metric = _fid_metric(feature, weights)
     for images in _batches([Path(p) for p in fake], batch, size):
         metric.update(images, real=False)
-    n = metric.fake_features_num_samples
-    mu_fake = (metric.fake_features_sum / n).double()
-    cov_fake = (metric.fake_features_cov_sum - n * torch.outer(mu_fake, mu_fake)) / (n - 1)
+    mu_fake, cov_fake = _mean_cov(metric, real=False)
     if str(reference).endswith(".npz"):
         stats = np.load(reference)
         mu_real, cov_real = torch.from_numpy(stats["mu"]), torch.from_numpy(stats["sigma"])
     else:
         for images in _batches(_image_files(reference), batch, size):
             metric.update(images, real=True)
-        m = metric.real_features_num_samples
-        mu_real = (metric.real_features_sum / m).double()
-        cov_real = (metric.real_features_cov_sum - m * torch.outer(mu_real, mu_real)) / (m - 1)
+        mu_real, cov_real = _mean_cov(metric, real=True)
     return float(_compute_fid(mu_real, cov_real, mu_fake, cov_fake))
 
 
