@@ -96,7 +96,7 @@ def reference_maps(probs, layers, latent_hw, sample, completion="official", orde
             maps = gaussian_blur(maps)
         token = torch.stack([m / (m.mean() + 1e-8) for m in maps])
         fg = torch.stack([maps[0], maps[1:].sum(0)])
-        fg = torch.stack([m / m.mean() for m in fg])
+        fg = torch.stack([m / (m.mean() + 1e-8) for m in fg])
         token_sum = token if token_sum is None else token_sum + token
         fg_sum = fg if fg_sum is None else fg_sum + fg
     return token_sum / len(layers), fg_sum / len(layers)

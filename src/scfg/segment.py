@@ -144,9 +144,10 @@ def layer_maps(
     else:
         ref = maps[torch.arange(b, device=maps.device), reference.to(maps.device)]
         fg = torch.stack([ref, maps.sum(dim=1) - ref], dim=1)
-    # no epsilon here (the released code has none); an all-zero channel (no other tokens) stays zero
-    fg_mean = fg.mean(dim=(2, 3), keepdim=True)
-    fg = fg / torch.where(fg_mean > 0, fg_mean, torch.ones_like(fg_mean))
+    # The released code has no epsilon here. With it, the exact tie of uniform attention (e.g. SDXL's all-zero
+    # negative embeddings: every token's map is the same) goes to foreground deterministically instead of being
+    # decided by rounding; elsewhere it changes values by ~1e-8 relative. An all-zero channel stays zero.
+    fg = fg / (fg.mean(dim=(2, 3), keepdim=True) + _EPS)
     return token, fg
 
 
