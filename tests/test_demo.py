@@ -69,7 +69,10 @@ def test_demo_tokenizer_has_one_token_per_word(tmp_path):
 
     write_tokenizer(str(tmp_path))
     tokenizer = CLIPTokenizer.from_pretrained(str(tmp_path))
-    ids = tokenizer("a small red circle left of a large blue square").input_ids
+    from scfg.demo.data import VOCABULARY
+
+    assert all(len(tokenizer(w, add_special_tokens=False).input_ids) == 1 for w in VOCABULARY)
+    ids = tokenizer("a small red circle left of a large blue triangle").input_ids
     assert len(ids) == 2 + 10
 
 
@@ -82,10 +85,15 @@ def test_held_out_prompts_are_fixed_and_mixed():
     assert counts.count(1) == 5 and counts.count(2) == 9 and counts.count(3) == 6
 
 
-def test_object_token_positions_follow_the_caption():
+def test_object_token_positions_follow_the_caption(tmp_path):
+    from transformers import CLIPTokenizer
+
     from scfg.demo.bench import _object_token_positions
 
-    assert _object_token_positions("a small red circle left of a large blue square") == [[3, 4], [9, 10]]
+    write_tokenizer(str(tmp_path))
+    tokenizer = CLIPTokenizer.from_pretrained(str(tmp_path))
+    caption = "a small red circle left of a large blue triangle"
+    assert _object_token_positions(caption, tokenizer) == [[3, 4], [9, 10]]
 
 
 def test_benchmark_runs_end_to_end_on_a_tiny_model(tiny_demo_path, tmp_path):

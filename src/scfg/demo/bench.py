@@ -54,16 +54,18 @@ def held_out_prompts(count: int, seed: int = 20241129) -> list[str]:
     return prompts
 
 
-def _object_token_positions(caption: str) -> list[list[int]]:
-    """Token positions (start token at 0, one token per word) of each object's colour and shape words."""
-    words = caption.split()
+def _object_token_positions(caption: str, tokenizer: Any) -> list[list[int]]:
+    """Token positions of each object's colour and shape words (all their tokens), in caption order."""
+    from ..tokens import _word_spans
+
+    ids = tokenizer(caption).input_ids
     requested, _ = parse_caption(caption)
     positions, cursor = [], 0
     for obj in requested:
-        color_at = words.index(obj.color, cursor)
-        shape_at = words.index(obj.shape, color_at)
-        positions.append([color_at + 1, shape_at + 1])
-        cursor = shape_at + 1
+        color = next(span for span in _word_spans(tokenizer, ids, obj.color) if span[0] >= cursor)
+        shape = next(span for span in _word_spans(tokenizer, ids, obj.shape) if span[0] > color[-1])
+        positions.append([*color, *shape])
+        cursor = shape[-1] + 1
     return positions
 
 
@@ -121,7 +123,8 @@ def run_benchmark(
                 samples.setdefault((method, scale), []).extend(images[:8] if start == 0 else [])
                 late = reports[int(len(reports) * 0.8) :]
                 for i, ((prompt, seed), image) in enumerate(zip(chunk, images, strict=True)):
-                    rows.append(_score_one(method, scale, prompt, seed, image, reports, late, i))
+                    positions = _object_token_positions(prompt, pipe.tokenizer)
+                    rows.append(_score_one(method, scale, prompt, seed, image, reports, late, i, positions))
     table = summarise(rows)
     result = {
         "prompts": prompts,
@@ -141,7 +144,7 @@ def run_benchmark(
     return result
 
 
-def _score_one(method, scale, prompt, seed, image, reports, late, i) -> _Row:
+def _score_one(method, scale, prompt, seed, image, reports, late, i, positions) -> _Row:
     score, matched = score_image(image, prompt)
     spread_before = float(np.mean([float(r.norm_spread(after=False)[i]) for r in reports]))
     # CFG runs at rate 1: its norms are not rescaled
@@ -149,11 +152,11 @@ def _score_one(method, scale, prompt, seed, image, reports, late, i) -> _Row:
     spread_after = float(np.mean([float(r.norm_spread(after=after)[i]) for r in reports]))
     ious = []
     size = image.shape[:2]
-    for positions, detection in zip(_object_token_positions(prompt), matched, strict=True):
+    for tokens, detection in zip(positions, matched, strict=True):
         if detection is None:
             continue
         for report in late:
-            region = report.token_masks[i, positions].any(dim=0).float()[None, None]
+            region = report.token_masks[i, tokens].any(dim=0).float()[None, None]
             region = F.interpolate(region, size=size, mode="nearest")[0, 0].bool().numpy()
             union = np.logical_or(region, detection.mask).sum()
             ious.append(np.logical_and(region, detection.mask).sum() / union if union else 0.0)

@@ -161,11 +161,26 @@ def write_tokenizer(folder: str, max_length: int = 24) -> None:
                 merges.append(f"{pair[0]} {pair[1]}")
             vocab.setdefault(parts[0] + parts[1], len(vocab))
             parts = [parts[0] + parts[1], *parts[2:]]
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("\n".join(merges) + "\n")
-    tokenizer = CLIPTokenizer(
-        os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"), model_max_length=max_length
-    )
+
+    def build() -> CLIPTokenizer:
+        with open(os.path.join(folder, "vocab.json"), "w") as f:
+            json.dump(vocab, f)
+        with open(os.path.join(folder, "merges.txt"), "w") as f:
+            f.write("\n".join(merges) + "\n")
+        return CLIPTokenizer(
+            os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"), model_max_length=max_length
+        )
+
+    # BPE applies merges by global rank, so one word's merges can split another ("an" of "and" inside
+    # "triangle"): add the merge of the first two pieces of every split word until each word is one token.
+    tokenizer = build()
+    for _ in range(200):
+        split = [w for w in VOCABULARY if len(tokenizer(w, add_special_tokens=False).input_ids) > 1]
+        if not split:
+            break
+        for word in split:
+            pieces = tokenizer.convert_ids_to_tokens(tokenizer(word, add_special_tokens=False).input_ids)
+            merges.append(f"{pieces[0]} {pieces[1]}")
+            vocab.setdefault(pieces[0] + pieces[1], len(vocab))
+        tokenizer = build()
     tokenizer.save_pretrained(folder)

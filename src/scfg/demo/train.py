@@ -93,7 +93,7 @@ def build_scheduler():
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
-        timestep_spacing="trailing",
+        timestep_spacing="leading",  # "trailing" starts at t=999, where the cosine schedule has alpha_bar ~ 3e-6
     )
 
 
