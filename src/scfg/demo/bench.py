@@ -155,6 +155,9 @@ def _score_one(method, scale, prompt, seed, image, reports, late, i, positions) 
     for tokens, detection in zip(positions, matched, strict=True):
         if detection is None:
             continue
+        tokens = [t for t in tokens if t < reports[0].token_masks.shape[1]]  # cut off at the text length
+        if not tokens:
+            continue
         for report in late:
             region = report.token_masks[i, tokens].any(dim=0).float()[None, None]
             region = F.interpolate(region, size=size, mode="nearest")[0, 0].bool().numpy()
