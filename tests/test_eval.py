@@ -95,13 +95,13 @@ def test_generation_resumes_after_kill_and_reruns_nothing(tiny_sd_path, tmp_path
     proc.wait()
     partial = len(read_manifest(manifest))
     assert 2 <= partial < 12
-    result = cli(*generate_args(tiny_sd_path, prompts, run), env=env)
+    result = cli(*generate_args(tiny_sd_path, prompts, run, 8), env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     rows = read_manifest(run / "manifest.jsonl")
     assert len(rows) == 12 and len({r["path"] for r in rows}) == 12
     assert all((run / r["path"]).exists() for r in rows)
     stamp = (run / rows[0]["path"]).stat().st_mtime
-    assert cli(*generate_args(tiny_sd_path, prompts, run), env=env).returncode == 0
+    assert cli(*generate_args(tiny_sd_path, prompts, run, 8), env=env).returncode == 0
     assert (run / rows[0]["path"]).stat().st_mtime == stamp  # nothing regenerated
     assert len(read_manifest(run / "manifest.jsonl")) == 12
     scfg_row = next(r for r in rows if r["method"] == "scfg-official")
