@@ -51,7 +51,7 @@ def cli(*args, env=None):
     return subprocess.run([sys.executable, "-m", "scfg.cli", *args], capture_output=True, text=True, env=env)
 
 
-def generate_args(model, prompts, run):
+def generate_args(model, prompts, run, steps=2):
     return [
         "eval",
         "generate",
@@ -66,7 +66,7 @@ def generate_args(model, prompts, run):
         "3",
         "7.5",
         "--steps",
-        "2",
+        str(steps),
         "--height",
         "64",
         "--width",
