@@ -262,11 +262,16 @@ def load_pipeline(model: str, device: str | None = None, dtype: str | None = Non
             f"Expected `--model` to be a diffusers folder with a model_index.json, but got {model!r}. "
             "Pass a folder written by `save_pretrained` or a hub id."
         )
+    import diffusers
+    from packaging.version import Version
+
+    # diffusers 0.42 renamed `torch_dtype` to `dtype` (the old name still works there, with a warning)
+    dtype_kw = "dtype" if Version(diffusers.__version__) >= Version("0.42") else "torch_dtype"
     try:
         pipe = DiffusionPipeline.from_pretrained(
             os.path.expanduser(model) if looks_local else model,
-            torch_dtype=getattr(torch, dtype),
             use_safetensors=True,
+            **{dtype_kw: getattr(torch, dtype)},
         )
     except OSError as err:
         raise SCFGError(f"Could not load model {model!r}: {err}. Offline? Pass a local folder instead.") from err
