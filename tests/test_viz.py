@@ -50,3 +50,13 @@ def test_figures_and_animation(tmp_path):
 def test_compare_panel_without_report():
     panel = compare_panel(Image.new("RGB", (64, 32)), Image.new("RGB", (64, 32)), None)
     assert panel.width == 2 * 192 + 4
+
+
+def test_norm_spread_after_uses_the_applied_rate():
+    report = fake_report()
+    report.region_norms = torch.tensor([[0.0, 1.0, 2.0, 0, 0, 0]])
+    report.rate_map = torch.ones(1, 1, 16, 24)
+    before = report.norm_spread()
+    assert torch.allclose(before, report.norm_spread(after=True))  # rate 1: nothing equalised
+    report.rate_map[..., :12] = 2.0  # token 1 (left half) guided twice as much: norms 2 and 2
+    assert float(report.norm_spread(after=True)) == 0.0 and float(before) > 0.3

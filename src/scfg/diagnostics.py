@@ -40,11 +40,19 @@ class StepReport:
     def norm_spread(self, after: bool = False) -> torch.Tensor:
         """Return `[B]` the coefficient of variation of the non-empty regions' mean score norms.
 
-        `after=True` measures the norms after rescaling (`rate_i * norm_i`, the quantity S-CFG equalises; clamps
-        and smoothing are not modelled). 0 means every region is guided to the same level.
+        `after=True` measures them after rescaling by the rate S-CFG actually applied (each region's norm times
+        the mean of the final rate map — clamps, cap and smoothing included — over that region): what S-CFG
+        equalises. 0 means every region is guided to the same level.
         """
-        present = self.token_masks.flatten(2).any(dim=2)
-        norms = self.region_norms * (self.token_rates if after else 1.0)
+        masks = self.token_masks.float()
+        present = masks.flatten(2).any(dim=2)
+        norms = self.region_norms
+        if after:
+            size = self.rate_map.shape[-2:]
+            up = torch.nn.functional.interpolate(masks, size=size, mode="nearest")
+            area = up.sum(dim=(2, 3)).clamp_min(1)
+            applied = (up * self.rate_map).sum(dim=(2, 3)) / area
+            norms = norms * applied
         spreads = []
         for values, keep in zip(norms, present, strict=True):
             v = values[keep]
