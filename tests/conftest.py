@@ -80,6 +80,22 @@ def tiny_vae(**overrides):
     return AutoencoderKL(**{**config, **overrides})
 
 
+def tiny_clip_text_config(tokenizer) -> dict:
+    """Arguments of a 2-layer CLIP text encoder (hidden 16, projection 16) over `tokenizer`'s vocabulary."""
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        projection_dim=16,
+    )
+
+
 def build_tiny_sd(folder, prediction_type: str = "epsilon", demo_vocabulary: bool = False) -> None:
     """Save a tiny StableDiffusionPipeline whose UNet has cross-attention at latent/4 and latent/8."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -206,18 +222,7 @@ def build_tiny_sdxl(folder) -> None:
     )
     sharpen_attention(unet)
     vae = tiny_vae()
-    text_config = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=77,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-        projection_dim=16,
-    )
+    text_config = tiny_clip_text_config(tokenizer)
     torch.manual_seed(0)
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
     torch.manual_seed(1)
@@ -443,18 +448,7 @@ def build_tiny_sd3(folder) -> None:
         out_channels=4,
     )
     sharpen_attention(transformer, ("to_q.weight", "to_k.weight", "add_k_proj.weight"))
-    clip_config = dict(
-        vocab_size=len(clip_tok),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=77,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=1,
-        projection_dim=16,
-    )
+    clip_config = tiny_clip_text_config(clip_tok)
     torch.manual_seed(0)
     text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**clip_config))
     torch.manual_seed(1)

@@ -42,8 +42,13 @@ def test_loads_with_from_pretrained_and_generates_with_scfg():
     assert pipe.unet.dtype == torch.float32
     recorder = scfg.Recorder()
     with scfg.enable(pipe, on_step=recorder):
-        image = pipe("a large red circle", num_inference_steps=6, guidance_scale=5.0, output_type="np",
-                     generator=torch.Generator().manual_seed(0)).images[0]
+        image = pipe(
+            "a large red circle",
+            num_inference_steps=6,
+            guidance_scale=5.0,
+            output_type="np",
+            generator=torch.Generator().manual_seed(0),
+        ).images[0]
     assert image.shape == (64, 64, 3) and np.isfinite(image).all()
     assert len(recorder.steps) == 6 and recorder.steps[0].token_masks.shape[-2:] == (8, 8)
     state = json.loads((Path(MODEL) / "training_state.json").read_text())
