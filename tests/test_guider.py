@@ -50,3 +50,42 @@ def test_guider_outside_cfg_is_plain(tiny_sd):
 def test_guider_rejects_original_formulation():
     with pytest.raises(SCFGError, match="use_original_formulation"):
         SemanticGuider(use_original_formulation=True)
+
+
+def test_guider_reuses_regions_like_the_stock_integration(tiny_sd, monkeypatch):
+    pipe = tiny_sd.to(torch.float64)
+    unet = pipe.unet
+    config = scfg.SCFGConfig(mask_interval=2)
+    cond_emb, uncond_emb = pipe.encode_prompt("a red cat on the sofa", "cpu", 1, True, "")
+    pipe.scheduler.set_timesteps(3)
+    timesteps = pipe.scheduler.timesteps
+    xs = [torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(i), dtype=torch.float64) for i in range(3)]
+
+    pipe._guidance_scale, pipe._guidance_rescale = 5.0, 0.0
+    expected, recorder = [], scfg.Recorder()
+    with scfg.enable(pipe, config, on_step=recorder):
+        for x, t in zip(xs, timesteps, strict=True):
+            u, c = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond_emb, cond_emb])).sample.chunk(2)
+            expected.append(u + 5.0 * (c - u))
+
+    calls = []
+    original = scfg.capture.head_averaged_probs
+    monkeypatch.setattr("scfg.capture.head_averaged_probs", lambda *a, **k: calls.append(1) or original(*a, **k))
+    guider = SemanticGuider(guidance_scale=5.0, scfg_config=config.to_dict())
+    guider.on_step = guider_recorder = scfg.Recorder()
+    captured_per_step = []
+    for step, (x, t) in enumerate(zip(xs, timesteps, strict=True)):
+        before = len(calls)
+        guider.set_state(step=step, num_inference_steps=3, timestep=t)
+        preds = {}
+        for name, emb in [("pred_cond", cond_emb), ("pred_uncond", uncond_emb)]:
+            guider.prepare_models(unet)
+            preds[name] = unet(x, t, encoder_hidden_states=emb).sample
+            guider.cleanup_models(unet)
+        torch.testing.assert_close(guider.forward(**preds).pred, expected[step], rtol=1e-9, atol=1e-9)
+        captured_per_step.append(len(calls) > before)
+    assert captured_per_step == [True, False, True]
+    assert torch.equal(guider_recorder.steps[1].token_masks, guider_recorder.steps[0].token_masks)
+    assert len(guider_recorder.steps) == len(recorder.steps) == 3
+    for ours, stock in zip(guider_recorder.steps, recorder.steps, strict=True):
+        assert torch.equal(ours.token_masks, stock.token_masks)

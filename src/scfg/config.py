@@ -68,6 +68,11 @@ class SCFGConfig:
             plain CFG and capture nothing.
         stop_fraction (`float`, defaults to `1.0`):
             See `start_fraction`.
+        mask_interval (`int`, defaults to `1`):
+            Recompute the regions (token masks and foreground) every `k` denoising steps and reuse them in between;
+            steps that reuse them capture no attention at all, while the rates still come from that step's own
+            score. `1` (every step) is what the paper and the released code do; larger values trade fidelity
+            for speed (benchmarks/RESULTS.md measures both).
     """
 
     levels: tuple[int, ...] | None = None
@@ -86,6 +91,7 @@ class SCFGConfig:
     token_scale_mode: Literal["multiply", "replace"] = "multiply"
     start_fraction: float = 0.0
     stop_fraction: float = 1.0
+    mask_interval: int = 1
 
     def __post_init__(self) -> None:
         # Lists from JSON or the CLI become tuples so that instances stay hashable and comparable.
@@ -137,6 +143,10 @@ class SCFGConfig:
             math.isfinite(self.max_effective_scale) and self.max_effective_scale > 0
         ):
             raise SCFGError(f"Expected `max_effective_scale` > 0 or None, but got {self.max_effective_scale!r}.")
+        if isinstance(self.mask_interval, bool) or not isinstance(self.mask_interval, int) or self.mask_interval < 1:
+            raise SCFGError(
+                f"Expected `mask_interval` as an int >= 1 (1: every step), but got {self.mask_interval!r}."
+            )
         if not 0.0 <= self.start_fraction < self.stop_fraction <= 1.0:
             raise SCFGError(
                 "Expected 0 <= `start_fraction` < `stop_fraction` <= 1, but got "

@@ -64,6 +64,7 @@ class SemanticGuider(ClassifierFreeGuidance):
         self.on_step = None  # set to a callable (e.g. scfg.Recorder()) for per-step reports
         self._engine: SemanticGuidance | None = None
         self._passes: dict[str, CapturedPass] = {}
+        self._reuse = False  # `mask_interval > 1`: this step reuses the engine's last regions, captures nothing
         self._handle: Any = None
 
     def _engine_for(self, denoiser: nn.Module) -> SemanticGuidance:
@@ -75,6 +76,9 @@ class SemanticGuider(ClassifierFreeGuidance):
     def set_state(self, step: int, num_inference_steps: int, timestep: torch.LongTensor) -> None:
         super().set_state(step, num_inference_steps, timestep)
         self._passes = {}
+        self._reuse = False
+        if step == 0 and self._engine is not None:  # a new pipeline call: regions of the last one never carry over
+            self._engine._regions = None
 
     def prepare_models(self, denoiser: nn.Module) -> None:
         super().prepare_models(denoiser)
@@ -86,7 +90,12 @@ class SemanticGuider(ClassifierFreeGuidance):
         family = engine.family
 
         def begin(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            capture.begin(family.latent_hw(args, kwargs))
+            latent_hw = family.latent_hw(args, kwargs)
+            # each pass holds one half of the CFG batch
+            if engine._can_reuse(self._step, latent_hw, 2 * family.batch_size(args, kwargs)):
+                self._reuse = True
+                return
+            capture.begin(latent_hw)
 
         self._handle = denoiser.register_forward_pre_hook(begin, with_kwargs=True)
 
@@ -104,12 +113,15 @@ class SemanticGuider(ClassifierFreeGuidance):
 
     def forward(self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor | None = None):
         cond, uncond = self._passes.get("pred_cond"), self._passes.get("pred_uncond")
-        if not self._is_cfg_enabled() or pred_uncond is None or cond is None or uncond is None:
+        captured = cond is not None and uncond is not None
+        if not self._is_cfg_enabled() or pred_uncond is None or not (captured or self._reuse):
             return super().forward(pred_cond, pred_uncond)
         engine = self._engine
-        merged = CapturedPass(
-            latent_hw=cond.latent_hw, probs={k: torch.cat([uncond.probs[k], cond.probs[k]]) for k in cond.probs}
-        )
+        merged = None
+        if captured:
+            merged = CapturedPass(
+                latent_hw=cond.latent_hw, probs={k: torch.cat([uncond.probs[k], cond.probs[k]]) for k in cond.probs}
+            )
         timestep = float(torch.as_tensor(self._timestep).flatten()[0]) if self._timestep is not None else 0.0
         engine._step = (self._step, timestep, float(self.guidance_scale))
         guided = engine._guide(torch.cat([pred_uncond, pred_cond]), merged)

@@ -49,6 +49,17 @@ class _PromptInfo:
     tokens: list[list[str]]
 
 
+@dataclass
+class _Regions:
+    """The masks of the last step that computed them, kept for `mask_interval > 1`."""
+
+    step: int
+    latent_hw: tuple[int, int]
+    batch: int
+    token_masks: torch.Tensor
+    foreground: torch.Tensor
+
+
 def enable(
     pipe: Any,
     config: SCFGConfig | str | None = None,
@@ -114,6 +125,8 @@ class SemanticGuidance:
         self._call_scale: float | None = None
         self._scales: torch.Tensor | None = None
         self._call_prompts: tuple[list[str] | None, int] = (None, 1)
+        self._regions: _Regions | None = None
+        self._reuse = False
         self._warned: set[str] = set()
 
     def _select_pairs(self, pairs: list[LayerPair]) -> list[LayerPair]:
@@ -169,6 +182,8 @@ class SemanticGuidance:
         self._call_scale = None
         self._scales = None
         self._call_prompts = (None, 1)
+        self._regions = None
+        self._reuse = False
 
     def _wrap_call(self, stack: ExitStack) -> None:
         """Observe each pipeline call's arguments through a same-named subclass, swapped back on exit.
@@ -207,6 +222,7 @@ class SemanticGuidance:
         self._call_prompts = (prompts, int(arguments.get("num_images_per_prompt") or 1))
         self._prompt = None
         self._scales = None
+        self._regions = None
         scale = arguments.get("guidance_scale")
         self._call_scale = float(scale) if isinstance(scale, int | float) else None
 
@@ -239,6 +255,7 @@ class SemanticGuidance:
     def _begin_pass(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self._capture.finish()
         self._step = None
+        self._reuse = False
         guidance_scale = self._guidance_scale()
         if guidance_scale is None:
             return
@@ -258,7 +275,22 @@ class SemanticGuidance:
             float(torch.as_tensor(timestep).flatten()[0]) if timestep is not None else 0.0,
             guidance_scale,
         )
-        self._capture.begin(self.family.latent_hw(args, kwargs))
+        latent_hw = self.family.latent_hw(args, kwargs)
+        self._reuse = self._can_reuse(step, latent_hw, batch)
+        if not self._reuse:
+            self._capture.begin(latent_hw)
+
+    def _can_reuse(self, step: int | None, latent_hw: tuple[int, int], batch: int) -> bool:
+        """Whether this step may reuse the last computed regions (`mask_interval > 1`, same call and shapes)."""
+        regions = self._regions
+        return (
+            self.config.mask_interval > 1
+            and regions is not None
+            and step is not None
+            and 0 < step - regions.step < self.config.mask_interval
+            and regions.latent_hw == tuple(latent_hw)
+            and regions.batch == batch
+        )
 
     def _guidance_scale(self) -> float | None:
         """The scale of the running call if it does CFG, else None (plain sampling, or no pipeline call)."""
@@ -280,7 +312,7 @@ class SemanticGuidance:
 
     def _finish_pass(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         captured = self._capture.finish()
-        if captured is None or self._step is None:
+        if self._step is None or (captured is None and not self._reuse):
             return output
         is_tuple = isinstance(output, tuple)
         pred = output[0] if is_tuple else output.sample
@@ -290,7 +322,7 @@ class SemanticGuidance:
         output.sample = new_pred
         return output
 
-    def _guide(self, pred: torch.Tensor, captured: CapturedPass) -> torch.Tensor:
+    def _guide(self, pred: torch.Tensor, captured: CapturedPass | None) -> torch.Tensor:
         step, timestep, guidance_scale = self._step  # type: ignore[misc]
         config = self.config
         if pred.shape[0] % 2:
@@ -298,49 +330,20 @@ class SemanticGuidance:
                 f"Expected the CFG batch [uncond, cond] to have an even size, but the denoiser returned "
                 f"{pred.shape[0]} samples."
             )
-        captured.require(self._capture.layers)
-        latent_hw = captured.latent_hw
-        mask_grid = level_grid(latent_hw, min(self.levels))
-        layers = []
-        for pair in self.pairs:
-            grid = grid_for(captured.probs[pair.cross].shape[1], latent_hw)
-            if grid != level_grid(latent_hw, pair.level):
-                raise SCFGError(
-                    f"Expected layer `{pair.cross}` at latent/{pair.level} of the {latent_hw[0]}x{latent_hw[1]} "
-                    f"latent, but its {captured.probs[pair.cross].shape[1]} queries form a {grid[0]}x{grid[1]} grid."
-                )
-            cross, self_probs = self.family.layer_inputs(pair, captured.probs)
-            layers.append((cross, self_probs, grid))
-        captured.probs.clear()
-        # Which token plays the start token's role, and which tokens are real (not masked padding): family-specific.
-        reference, valid = self.family.token_roles(layers[0][0])
-        token_maps, fg_maps = average_layer_maps(
-            layers, mask_grid, config.completion, config.completion_order, config.token_map_smoothing, reference
-        )
-        del layers
-        self._prepare_prompt(token_maps.shape[1])
-        halves = dict(zip(("uncond", "cond"), self.family.split_cfg_batch(token_maps), strict=True))
-        fg_halves = dict(zip(("uncond", "cond"), self.family.split_cfg_batch(fg_maps), strict=True))
-        token_src, fg_src = halves[config.token_source], fg_halves[config.foreground_source]
+        if captured is None:  # `mask_interval > 1`: this step reuses the last regions and captured nothing
+            token_masks, fg_mask = self._regions.token_masks, self._regions.foreground  # type: ignore[union-attr]
+        else:
+            regions = self._regions_from(captured)
+            if regions is None:
+                return pred
+            token_masks, fg_mask = regions
+            if step is not None and config.mask_interval > 1:
+                self._regions = _Regions(step, tuple(captured.latent_hw), pred.shape[0], token_masks, fg_mask)
         pred_uncond, pred_cond = self.family.split_cfg_batch(pred)
         # Learned-variance channels (DeepFloyd IF) are split off before guidance and pass through unchanged.
         c = self._channels or pred.shape[1]
         eps_uncond, eps_cond = pred_uncond[:, :c], pred_cond[:, :c]
-        if not (torch.isfinite(token_src).all() and torch.isfinite(fg_src).all()):
-            self._warn_once(
-                "nonfinite",
-                "Attention maps were not finite (overflow in half precision?); this step uses plain CFG.",
-            )
-            return pred
-
-        allowed = self._allowed_tokens(token_src.shape[0], token_src.shape[1])
-        if valid is not None:
-            valid_src = dict(zip(("uncond", "cond"), self.family.split_cfg_batch(valid), strict=True))[
-                config.token_source
-            ]
-            allowed = valid_src if allowed is None else allowed & valid_src
-        token_masks = assign_regions(token_src, allowed, config.tie_break)
-        fg_mask = foreground_mask(fg_src)
+        matches = self._matches_prompt(token_masks.shape[:2])
         result = semantic_guidance(
             eps_uncond,
             eps_cond,
@@ -351,7 +354,7 @@ class SemanticGuidance:
             rate_clamp=config.rate_clamp,
             max_effective_scale=config.max_effective_scale,
             smoothing=config.rate_map_smoothing,
-            token_scales=self._scales if self._matches_prompt(token_src.shape[:2]) else None,
+            token_scales=self._scales if matches else None,
             token_scale_mode=config.token_scale_mode,
         )
         if not torch.isfinite(result.rate_map).all():
@@ -379,10 +382,53 @@ class SemanticGuidance:
                     token_rates=result.token_rates.cpu(),
                     region_norms=result.region_norms.cpu(),
                     benchmark_norm=result.benchmark_norm.cpu(),
-                    tokens=self._prompt.tokens if self._matches_prompt(token_src.shape[:2]) else None,
+                    tokens=self._prompt.tokens if matches else None,  # type: ignore[union-attr]
                 )
             )
         return self.family.join_cfg_batch(pred_uncond, new_cond)
+
+    def _regions_from(self, captured: CapturedPass) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Token masks `[B, T, h, w]` and foreground `[B, 1, h, w]` of the guided half from this pass's maps;
+        None (with a warning) when the maps are not finite."""
+        config = self.config
+        captured.require(self._capture.layers)
+        latent_hw = captured.latent_hw
+        mask_grid = level_grid(latent_hw, min(self.levels))
+        layers = []
+        for pair in self.pairs:
+            grid = grid_for(captured.probs[pair.cross].shape[1], latent_hw)
+            if grid != level_grid(latent_hw, pair.level):
+                raise SCFGError(
+                    f"Expected layer `{pair.cross}` at latent/{pair.level} of the {latent_hw[0]}x{latent_hw[1]} "
+                    f"latent, but its {captured.probs[pair.cross].shape[1]} queries form a {grid[0]}x{grid[1]} grid."
+                )
+            cross, self_probs = self.family.layer_inputs(pair, captured.probs)
+            layers.append((cross, self_probs, grid))
+        captured.probs.clear()
+        # Which token plays the start token's role, and which tokens are real (not masked padding): family-specific.
+        reference, valid = self.family.token_roles(layers[0][0])
+        token_maps, fg_maps = average_layer_maps(
+            layers, mask_grid, config.completion, config.completion_order, config.token_map_smoothing, reference
+        )
+        del layers
+        self._prepare_prompt(token_maps.shape[1])
+        halves = dict(zip(("uncond", "cond"), self.family.split_cfg_batch(token_maps), strict=True))
+        fg_halves = dict(zip(("uncond", "cond"), self.family.split_cfg_batch(fg_maps), strict=True))
+        token_src, fg_src = halves[config.token_source], fg_halves[config.foreground_source]
+        if not (torch.isfinite(token_src).all() and torch.isfinite(fg_src).all()):
+            self._warn_once(
+                "nonfinite",
+                "Attention maps were not finite (overflow in half precision?); this step uses plain CFG.",
+            )
+            return None
+
+        allowed = self._allowed_tokens(token_src.shape[0], token_src.shape[1])
+        if valid is not None:
+            valid_src = dict(zip(("uncond", "cond"), self.family.split_cfg_batch(valid), strict=True))[
+                config.token_source
+            ]
+            allowed = valid_src if allowed is None else allowed & valid_src
+        return assign_regions(token_src, allowed, config.tie_break), foreground_mask(fg_src)
 
     def _matches_prompt(self, shape: tuple[int, int] | torch.Size) -> bool:
         return self._prompt is not None and tuple(self._prompt.token_ids.shape) == tuple(shape)
