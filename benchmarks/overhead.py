@@ -1,13 +1,17 @@
 """Per-step cost of S-CFG against plain CFG on full-size denoisers with random weights (no download).
 
     python benchmarks/overhead.py --model sd15 --reps 5            # SD 1.5 UNet at 512x512, float32 CPU
+    python benchmarks/overhead.py --model sdxl --reps 3            # SDXL UNet at 1024x1024
+    python benchmarks/overhead.py --model pixart-sigma --size 512  # PixArt-Sigma, SD3-medium: --model sd3
     python benchmarks/overhead.py --model sd15 --device cuda --dtype float16
 
 Methods, interleaved A B C A B C ... after a warm-up, median over `--reps` steps each:
 - `cfg`: the UNet on the CFG batch [uncond, cond] plus the CFG line;
 - `scfg`: the same with `scfg.enable` (hooks on the used layers only, SDPA kept);
+- `scfg-reuse`: a step that reuses the previous step's regions (`mask_interval=2`): no attention captured;
 - `naive`: prior art: every attention processor replaced by one that materialises softmax(QK^T) per head and
-  keeps every map at latent/2 and below; the same S-CFG rule then runs on the stored maps.
+  keeps every map at latent/2 and below; the same S-CFG rule then runs on the stored maps (UNets only: the prior
+  ports exist for SD/SDXL).
 Peak memory is measured in a fresh subprocess per method (RSS on CPU, max allocated on GPU).
 Prints a markdown table with ratios against `cfg` from the same run.
 """
@@ -21,11 +25,14 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
+from torch import nn
 
-SD15_UNET = dict(
+SD15_UNET = dict(  # runwayml/stable-diffusion-v1-5 unet/config.json
     sample_size=64,
     in_channels=4,
     out_channels=4,
@@ -36,30 +43,162 @@ SD15_UNET = dict(
     cross_attention_dim=768,
     attention_head_dim=8,
 )
-MODELS = {"sd15": (SD15_UNET, 512, 77, 768)}
+SDXL_UNET = dict(  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=2816,
+)
+PIXART_SIGMA = dict(  # PixArt-alpha/PixArt-Sigma-XL-2-1024-MS transformer/config.json
+    num_attention_heads=16,
+    attention_head_dim=72,
+    in_channels=4,
+    out_channels=8,
+    num_layers=28,
+    cross_attention_dim=1152,
+    caption_channels=4096,
+    sample_size=128,
+    patch_size=2,
+    norm_type="ada_norm_single",
+    norm_elementwise_affine=False,
+    norm_eps=1e-6,
+    interpolation_scale=2,
+    use_additional_conditions=False,
+)
+SD3_MEDIUM = dict(  # stabilityai/stable-diffusion-3-medium-diffusers transformer/config.json
+    sample_size=128,
+    patch_size=2,
+    in_channels=16,
+    out_channels=16,
+    num_layers=24,
+    attention_head_dim=64,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    caption_projection_dim=1536,
+    pooled_projection_dim=2048,
+    pos_embed_max_size=192,
+)
 
 
-def build(model: str, device: str, dtype: torch.dtype):
-    from diffusers import UNet2DConditionModel
+@dataclass(frozen=True)
+class Model:
+    """A full-size denoiser from its real config: how to build it, its CFG-batch inputs, and the attribute names
+    under which a pipeline holds it (what `scfg.enable` recognises the family by)."""
 
-    config, size, tokens, dim = MODELS[model]
+    name: str
+    size: int  # image side in pixels (the latent is size / 8)
+    build: Callable[[], nn.Module]
+    inputs: Callable[[int, torch.device, torch.dtype], dict]
+    holder: tuple[str, ...]
+    naive: bool  # prior art exists (UNets): measure the naive approach too
+
+
+def _unet(config):
+    def build():
+        from diffusers import UNet2DConditionModel
+
+        return UNet2DConditionModel(**config)
+
+    return build
+
+
+def _transformer(cls_name, config):
+    def build():
+        import diffusers
+
+        return getattr(diffusers, cls_name)(**config)
+
+    return build
+
+
+def _sd15_inputs(latent, device, dtype):
+    return dict(
+        sample=torch.randn(2, 4, latent, latent, device=device, dtype=dtype),
+        timestep=torch.tensor(500, device=device),
+        encoder_hidden_states=torch.randn(2, 77, 768, device=device, dtype=dtype),
+    )
+
+
+def _sdxl_inputs(latent, device, dtype):
+    size = latent * 8
+    time_ids = torch.tensor([[size, size, 0, 0, size, size]] * 2, device=device, dtype=dtype)
+    return dict(
+        sample=torch.randn(2, 4, latent, latent, device=device, dtype=dtype),
+        timestep=torch.tensor(500, device=device),
+        encoder_hidden_states=torch.randn(2, 77, 2048, device=device, dtype=dtype),
+        added_cond_kwargs={"text_embeds": torch.randn(2, 1280, device=device, dtype=dtype), "time_ids": time_ids},
+    )
+
+
+def _pixart_inputs(latent, device, dtype):
+    return dict(
+        hidden_states=torch.randn(2, 4, latent, latent, device=device, dtype=dtype),
+        encoder_hidden_states=torch.randn(2, 300, 4096, device=device, dtype=dtype),
+        encoder_attention_mask=torch.ones(2, 300, device=device, dtype=dtype),
+        timestep=torch.tensor([500, 500], device=device),
+        added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+    )
+
+
+def _sd3_inputs(latent, device, dtype):
+    return dict(
+        hidden_states=torch.randn(2, 16, latent, latent, device=device, dtype=dtype),
+        encoder_hidden_states=torch.randn(2, 333, 4096, device=device, dtype=dtype),  # 77 CLIP + 256 T5
+        pooled_projections=torch.randn(2, 2048, device=device, dtype=dtype),
+        timestep=torch.tensor([500, 500], device=device),
+    )
+
+
+MODELS = {
+    "sd15": Model("SD 1.5 UNet", 512, _unet(SD15_UNET), _sd15_inputs, ("unet",), True),
+    "sdxl": Model("SDXL UNet", 1024, _unet(SDXL_UNET), _sdxl_inputs, ("unet", "text_encoder_2"), True),
+    "pixart-sigma": Model(
+        "PixArt-Sigma",
+        1024,
+        _transformer("PixArtTransformer2DModel", PIXART_SIGMA),
+        _pixart_inputs,
+        ("transformer",),
+        False,
+    ),
+    "sd3": Model(
+        "SD3-medium MMDiT",
+        1024,
+        _transformer("SD3Transformer2DModel", SD3_MEDIUM),
+        _sd3_inputs,
+        ("transformer",),
+        False,
+    ),
+}
+
+
+def build(model: Model, size: int, device: str, dtype: torch.dtype):
     torch.manual_seed(0)
-    unet = UNet2DConditionModel(**config).to(device, dtype).eval()
-    latent = size // 8
-    x = torch.randn(2, 4, latent, latent, device=device, dtype=dtype)
-    emb = torch.randn(2, tokens, dim, device=device, dtype=dtype)
-    return unet, x, emb
+    denoiser = model.build().to(device, dtype).eval()
+    return denoiser, model.inputs(size // 8, torch.device(device), dtype)
 
 
-def fake_pipe(unet, guidance_scale=7.5):
+def fake_pipe(model: Model, denoiser, guidance_scale=7.5, timesteps=(500,)):
     """The attributes `scfg.enable` reads from a pipeline during a denoising step."""
-    return SimpleNamespace(
-        unet=unet,
+    holder = SimpleNamespace(
         do_classifier_free_guidance=True,
         guidance_scale=guidance_scale,
         guidance_rescale=0.0,
-        scheduler=SimpleNamespace(timesteps=torch.tensor([500])),
+        scheduler=SimpleNamespace(timesteps=torch.tensor(timesteps)),
     )
+    setattr(holder, model.holder[0], denoiser)
+    for extra in model.holder[1:]:
+        setattr(holder, extra, None)
+    return holder
 
 
 class NaiveProcessor:
@@ -82,25 +221,72 @@ class NaiveProcessor:
         return attn.to_out[1](attn.to_out[0](out))
 
 
-def naive_step(unet, x, emb, g=7.5):
+@dataclass
+class Bench:
+    model: Model
+    denoiser: nn.Module
+    inputs: dict
+    device: str
+
+    def forward(self, **overrides):
+        return self.denoiser(**{**self.inputs, **overrides}).sample
+
+    def latent(self) -> torch.Tensor:
+        return self.inputs["sample"] if "sample" in self.inputs else self.inputs["hidden_states"]
+
+
+def cfg_line(pred, g=7.5):
+    u, c = pred.chunk(2)
+    # learned-sigma channels (PixArt) are not guided
+    return u[:, : c.shape[1]] + g * (c - u)
+
+
+def cfg_step(bench: Bench, g=7.5):
+    return cfg_line(bench.forward(), g)
+
+
+def scfg_step(bench: Bench, g=7.5):
+    import scfg
+
+    with scfg.enable(fake_pipe(bench.model, bench.denoiser, g)):
+        return cfg_line(bench.forward(), g)
+
+
+def scfg_reuse_step(bench: Bench, g=7.5):
+    """One step that reuses the previous step's regions (`mask_interval=2`); times only that step."""
+    import scfg
+
+    t = bench.inputs["timestep"]
+    with scfg.enable(fake_pipe(bench.model, bench.denoiser, g, (500, 499)), scfg.SCFGConfig(mask_interval=2)):
+        bench.forward()  # step 0 (t=500) computes the regions
+        sync(bench.device)
+        t0 = time.perf_counter()
+        cfg_line(bench.forward(timestep=torch.full_like(t, 499)), g)
+        sync(bench.device)
+        return time.perf_counter() - t0
+
+
+def naive_step(bench: Bench, g=7.5):
     from scfg.capture import grid_for, level_grid
-    from scfg.families.sd_unet import FAMILY
+    from scfg.families import family_for
     from scfg.rule import semantic_guidance
     from scfg.segment import assign_regions, average_layer_maps, foreground_mask
 
+    unet, x = bench.denoiser, bench.latent()
+    family = family_for(fake_pipe(bench.model, unet))
     store: dict = {}
     keep = (x.shape[-2] // 2) * (x.shape[-1] // 2)
     originals = dict(unet.attn_processors)
     unet.set_attn_processor({n: NaiveProcessor(n[: -len(".processor")], store, keep) for n in originals})
     try:
-        pred = unet(x, 500, encoder_hidden_states=emb).sample
+        pred = bench.forward()
         hw = tuple(x.shape[-2:])
         layers = []
-        for pair in FAMILY.layer_pairs(unet):
-            if pair.level in (4, 8):
-                cross = store[pair.cross]
-                layers.append((cross, store[pair.self_attn], grid_for(cross.shape[1], hw)))
-        token, fg = average_layer_maps(layers, level_grid(hw, 4))
+        for pair in family.layer_pairs(unet):
+            if pair.level in family.default_levels:
+                cross, self_probs = family.layer_inputs(pair, store)
+                layers.append((cross, self_probs, grid_for(cross.shape[1], hw)))
+        token, fg = average_layer_maps(layers, level_grid(hw, min(family.default_levels)))
         u, c = pred.chunk(2)
         masks = assign_regions(token.chunk(2)[1])
         return semantic_guidance(u, c, masks, foreground_mask(fg.chunk(2)[0]), g).guided
@@ -108,20 +294,7 @@ def naive_step(unet, x, emb, g=7.5):
         unet.set_attn_processor(dict(originals))
 
 
-def cfg_step(unet, x, emb, g=7.5):
-    u, c = unet(x, 500, encoder_hidden_states=emb).sample.chunk(2)
-    return u + g * (c - u)
-
-
-def scfg_step(unet, x, emb, g=7.5, timings=None):
-    import scfg
-
-    with scfg.enable(fake_pipe(unet, g)):
-        u, c = unet(x, 500, encoder_hidden_states=emb).sample.chunk(2)
-    return u + g * (c - u)
-
-
-STEPS = {"cfg": cfg_step, "scfg": scfg_step, "naive": naive_step}
+STEPS = {"cfg": cfg_step, "scfg": scfg_step, "scfg-reuse": scfg_reuse_step, "naive": naive_step}
 
 
 def sync(device):
@@ -129,16 +302,16 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_one(fn, unet, x, emb, device):
-    sync(device)
+def time_one(method: str, bench: Bench) -> float:
+    sync(bench.device)
     t0 = time.perf_counter()
     with torch.no_grad():
-        fn(unet, x, emb)
-    sync(device)
-    return time.perf_counter() - t0
+        own = STEPS[method](bench)
+    sync(bench.device)
+    return own if isinstance(own, float) else time.perf_counter() - t0
 
 
-def breakdown(unet, x, emb, device):
+def breakdown(bench: Bench):
     """Seconds spent in capture, segmentation and the rate rule during one S-CFG step."""
     import scfg.capture
     import scfg.integration.pipeline as integ
@@ -147,61 +320,43 @@ def breakdown(unet, x, emb, device):
 
     def timed(fn, key):
         def wrapper(*args, **kwargs):
-            sync(device)
+            sync(bench.device)
             t0 = time.perf_counter()
             out = fn(*args, **kwargs)
-            sync(device)
+            sync(bench.device)
             spent[key] += time.perf_counter() - t0
             return out
 
         return wrapper
 
-    saved = (
-        scfg.capture.head_averaged_probs,
-        integ.average_layer_maps,
-        integ.assign_regions,
-        integ.foreground_mask,
-        integ.semantic_guidance,
-    )
-    scfg.capture.head_averaged_probs = timed(saved[0], "capture")
-    integ.average_layer_maps = timed(saved[1], "segmentation")
-    integ.assign_regions = timed(saved[2], "segmentation")
-    integ.foreground_mask = timed(saved[3], "segmentation")
-    integ.semantic_guidance = timed(saved[4], "rate")
+    hook_for = scfg.capture.AttentionCapture._hook_for
+
+    def timed_hook_for(capture, name):  # every family's capture runs in these per-layer pre-hooks
+        return timed(hook_for(capture, name), "capture")
+
+    names = {
+        (scfg.capture.AttentionCapture, "_hook_for"): None,
+        (integ, "average_layer_maps"): "segmentation",
+        (integ, "assign_regions"): "segmentation",
+        (integ, "foreground_mask"): "segmentation",
+        (integ, "semantic_guidance"): "rate",
+    }
+    saved = {key: getattr(*key) for key in names}
+    for (module, name), part in names.items():
+        setattr(module, name, timed_hook_for if part is None else timed(saved[(module, name)], part))
     try:
-        total = time_one(scfg_step, unet, x, emb, device)
+        total = time_one("scfg", bench)
     finally:
-        (
-            scfg.capture.head_averaged_probs,
-            integ.average_layer_maps,
-            integ.assign_regions,
-            integ.foreground_mask,
-            integ.semantic_guidance,
-        ) = saved
+        for (module, name), fn in saved.items():
+            setattr(module, name, fn)
     return spent, total
 
 
 def peak_memory(args, method):
     """Peak memory of one step of `method`, in a fresh process."""
-    out = subprocess.run(
-        [
-            sys.executable,
-            __file__,
-            "--model",
-            args.model,
-            "--device",
-            args.device,
-            "--dtype",
-            args.dtype,
-            "--threads",
-            str(args.threads),
-            "--_memory",
-            method,
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    command = [sys.executable, __file__, "--model", args.model, "--size", str(args.size), "--device", args.device]
+    command += ["--dtype", args.dtype, "--threads", str(args.threads), "--_memory", method]
+    out = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -212,12 +367,11 @@ def memory_child(args):
 
     import psutil
 
-    dtype = getattr(torch, args.dtype)
-    unet, x, emb = build(args.model, args.device, dtype)
-    time_one(STEPS[args._memory], unet, x, emb, args.device)  # warm-up: allocator pools
+    bench = make_bench(args)
     if args.device.startswith("cuda"):
+        time_one(args._memory, bench)  # warm-up: allocator pools, kernels
         torch.cuda.reset_peak_memory_stats()
-        time_one(STEPS[args._memory], unet, x, emb, args.device)
+        time_one(args._memory, bench)
         peak = torch.cuda.max_memory_allocated()
     else:
         process, samples, done = psutil.Process(), [], threading.Event()
@@ -229,43 +383,60 @@ def memory_child(args):
 
         thread = threading.Thread(target=sample)
         thread.start()
-        time_one(STEPS[args._memory], unet, x, emb, args.device)
+        time_one(args._memory, bench)
         done.set()
         thread.join()
         peak = max(samples)
     print(json.dumps({"peak": peak}))
 
 
+def make_bench(args) -> Bench:
+    model = MODELS[args.model]
+    denoiser, inputs = build(model, args.size, args.device, getattr(torch, args.dtype))
+    return Bench(model, denoiser, inputs, args.device)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=sorted(MODELS), default="sd15")
+    parser.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's own)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps per method before timing")
     parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--methods", nargs="+", default=["cfg", "scfg", "naive"])
+    parser.add_argument("--methods", nargs="+", default=None, help="default: cfg scfg scfg-reuse (+ naive for UNets)")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--_memory", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    model = MODELS[args.model]
+    args.size = args.size or model.size
+    if args.methods is None:
+        args.methods = ["cfg", "scfg", "scfg-reuse"] + (["naive"] if model.naive else [])
+    if "naive" in args.methods and not model.naive:
+        parser.error(f"--model {args.model}: the naive approach is only implemented for UNets (sd15, sdxl)")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args._memory:
         memory_child(args)
         return
-    unet, x, emb = build(args.model, args.device, getattr(torch, args.dtype))
-    for method in args.methods:  # warm-up
-        time_one(STEPS[method], unet, x, emb, args.device)
+    bench = make_bench(args)
+    for _ in range(args.warmup):
+        for method in args.methods:
+            time_one(method, bench)
     times = {m: [] for m in args.methods}
     for _ in range(args.reps):
         for method in args.methods:
-            times[method].append(time_one(STEPS[method], unet, x, emb, args.device))
-    spent, total = breakdown(unet, x, emb, args.device)
+            times[method].append(time_one(method, bench))
+    spent, total = breakdown(bench)
     median = {m: statistics.median(v) for m, v in times.items()}
     memory = {} if args.no_memory else {m: peak_memory(args, m) for m in args.methods}
-    size = MODELS[args.model][1]
+    params = sum(p.numel() for p in bench.denoiser.parameters()) / 1e6
     print(
-        f"model {args.model} {size}x{size}, batch 2 (uncond+cond), {args.device} {args.dtype}, "
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}"
+        f"{model.name} ({params:.0f}M parameters, random weights) at {args.size}x{args.size}, batch 2 "
+        f"(uncond+cond), {args.device} {args.dtype}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"{platform.processor() or platform.machine()}; medians of {args.reps} interleaved steps after "
+        f"{args.warmup} warm-up"
     )
     print()
     print("| method | step time (s) | time / CFG | peak memory (GiB) | memory / CFG |")
@@ -283,7 +454,7 @@ def main():
             f"{ours / theirs if theirs > 0 else float('nan'):.3f}"
         )
     share = ", ".join(f"{k} {v:.4f} s ({v / total:.1%})" for k, v in spent.items())
-    print(f"S-CFG step breakdown (one instrumented step of {total:.3f} s): {share}")
+    print(f"S-CFG step breakdown (one instrumented step of {total:.3f} s): {share}; all steps: {json.dumps(times)}")
 
 
 if __name__ == "__main__":

@@ -77,3 +77,58 @@ def test_grid_for_ceil_divides_non_square_latents():
     assert level_grid((17, 23), 4) == (5, 6)
     with pytest.raises(SCFGError, match="17x23"):
         grid_for(50, (17, 23))
+
+
+def count_calls(module: nn.Module) -> list:
+    calls: list = []
+    module.register_forward_hook(lambda *args: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("processor", ["sdpa", "classic", "fused"])
+def test_capture_reuses_the_processors_own_projections(processor):
+    from diffusers.models.attention_processor import AttnProcessor, FusedAttnProcessor2_0
+
+    holder = Holder().double()
+    if processor == "classic":
+        holder.attn.set_processor(AttnProcessor())
+    x, context = torch.randn(2, 12, 8, dtype=torch.float64), torch.randn(2, 5, 6, dtype=torch.float64)
+    if processor == "fused":  # cross-attention keys come from to_kv, so to_k never runs: capture recomputes q/k
+        holder.attn.fuse_projections()
+        holder.attn.set_processor(FusedAttnProcessor2_0())
+    q_calls, k_calls = count_calls(holder.attn.to_q), count_calls(holder.attn.to_k)
+    expected_out = holder(x, context)
+    assert (len(q_calls), len(k_calls)) == ((1, 0) if processor == "fused" else (1, 1))
+    q_calls.clear()
+    with AttentionCapture(holder, ["attn"]) as capture:
+        capture.begin((3, 4))
+        out = holder(x, context)
+        captured = capture.finish()
+    assert torch.equal(out, expected_out)
+    # the capture adds no to_q forward when the processor's own q/k are there; it recomputes them otherwise
+    assert len(q_calls) == (2 if processor == "fused" else 1)
+    torch.testing.assert_close(captured.probs["attn"], manual_probs(holder.attn, x, context), atol=1e-12, rtol=0)
+    assert not holder.attn._forward_pre_hooks and not holder.attn._forward_hooks
+    assert len(holder.attn.to_q._forward_hooks) == 1  # only count_calls' own hook is left
+
+
+def test_capture_recomputes_when_the_processor_sees_part_of_the_batch():
+    """Processors that run to_q on a slice of the batch (PAG's perturbed branch) fall back to recomputing."""
+
+    class HalfBatchProcessor:
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+            first, rest = hidden_states[:1], hidden_states[1:]
+            out = AttnProcessor2_0()(attn, first, encoder_hidden_states[:1])
+            return torch.cat(
+                [out, attn.to_out[0](attn.to_v(encoder_hidden_states[1:]).mean(1, keepdim=True)).expand_as(rest)]
+            )
+
+    holder = Holder().double()
+    holder.attn.set_processor(HalfBatchProcessor())
+    x, context = torch.randn(2, 12, 8, dtype=torch.float64), torch.randn(2, 5, 6, dtype=torch.float64)
+    with AttentionCapture(holder, ["attn"]) as capture:
+        capture.begin((3, 4))
+        holder(x, context)
+        captured = capture.finish()
+    assert captured.probs["attn"].shape == (2, 12, 5)
+    torch.testing.assert_close(captured.probs["attn"], manual_probs(holder.attn, x, context), atol=1e-12, rtol=0)

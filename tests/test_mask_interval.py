@@ -15,13 +15,13 @@ from scfg import SCFGConfig, SCFGError
 def count_captures(monkeypatch):
     """Count the denoiser passes that computed attention maps (one call per used layer per pass)."""
     calls = []
-    original = scfg.capture.head_averaged_probs
+    original = scfg.capture.probs_from_projections
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr("scfg.capture.head_averaged_probs", counting)
+    monkeypatch.setattr("scfg.capture.probs_from_projections", counting)
     return calls
 
 

@@ -121,7 +121,7 @@ def test_guidance_scale_one_captures_nothing(tiny_sd, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("attention maps computed without CFG")
 
-    monkeypatch.setattr("scfg.capture.head_averaged_probs", forbidden)
+    monkeypatch.setattr("scfg.capture.probs_from_projections", forbidden)
     recorder = scfg.Recorder()
     latents = latents_for(1)
     plain = run(tiny_sd, "a cat", latents, guidance_scale=1.0)

@@ -176,12 +176,12 @@ def test_half_precision_gives_finite_images(tiny_sd_path, dtype):
 def test_non_finite_maps_fall_back_to_cfg_with_warning(tiny_sd, monkeypatch, caplog):
     import scfg.capture
 
-    original = scfg.capture.head_averaged_probs
+    original = scfg.capture.probs_from_projections
 
     def overflowing(*args, **kwargs):
         return original(*args, **kwargs) * float("inf")  # what an fp16 logit overflow would leave
 
-    monkeypatch.setattr(scfg.capture, "head_averaged_probs", overflowing)
+    monkeypatch.setattr(scfg.capture, "probs_from_projections", overflowing)
     x = latents(1)
     kwargs = dict(height=64, width=96, num_inference_steps=2, output_type="latent")
     plain = tiny_sd("a cat", latents=x.clone(), **kwargs).images

@@ -1,8 +1,11 @@
 """Record head-averaged attention probabilities of chosen layers, one denoiser forward pass at a time.
 
-Nothing here replaces a processor: a forward pre-hook on each chosen `Attention` module recomputes that layer's
-query/key projections and a float32 softmax, head-averaged, while the layer's output still comes from its own
-processor (SDPA, LoRA, IP-Adapter keep working). Every other layer is untouched.
+Nothing here replaces a processor: the layer's output still comes from its own processor (SDPA, LoRA, IP-Adapter
+keep working) and every other layer is untouched. For each chosen `Attention` module, forward hooks on its `to_q`
+and `to_k` keep the query and key the processor itself computes, and a hook after the layer turns them into a
+float32 softmax, head-averaged. Where the processor did not produce them through those modules for the whole
+batch (fused QKV projections, PAG's partial batches, the joint attention of IF and SD3: families with their own
+`probs_fn`), the query and key are recomputed from the layer's inputs instead.
 """
 
 from __future__ import annotations
@@ -16,7 +19,14 @@ from torch import nn
 
 from .config import SCFGError
 
-__all__ = ["AttentionCapture", "CapturedPass", "grid_for", "head_averaged_probs", "head_averaged_softmax"]
+__all__ = [
+    "AttentionCapture",
+    "CapturedPass",
+    "grid_for",
+    "head_averaged_probs",
+    "head_averaged_softmax",
+    "probs_from_projections",
+]
 
 ProbsFn = Callable[[nn.Module, torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"], torch.Tensor]
 
@@ -74,10 +84,16 @@ def head_averaged_probs(
     context = x if encoder_hidden_states is None else encoder_hidden_states
     if encoder_hidden_states is not None and getattr(attn, "norm_cross", None):
         context = attn.norm_encoder_hidden_states(context)
-    batch = x.shape[0]
+    return probs_from_projections(attn, attn.to_q(x), attn.to_k(context), attention_mask)
+
+
+def probs_from_projections(
+    attn: nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Head-averaged probabilities `[B, Q, K]` from the outputs of `attn.to_q` `[B, Q, heads * d]` and `attn.to_k`
+    `[B, K, heads * d]`: heads split, q/k norms, scale, mask, float32 softmax."""
+    batch = query.shape[0]
     heads = attn.heads
-    query = attn.to_q(x)
-    key = attn.to_k(context)
     head_dim = key.shape[-1] // heads
     query = query.view(batch, -1, heads, head_dim).transpose(1, 2)
     key = key.view(batch, -1, heads, head_dim).transpose(1, 2)
@@ -164,12 +180,24 @@ class AttentionCapture:
         self._modules = {name: modules[name] for name in self.layers}
         self._handles: list[Any] = []
         self._probs_fn = probs_fn
+        self._pending: dict[str, _Pending] = {}
+        # layers whose q/k are taken from their own to_q/to_k (the default capture of separate self/cross layers)
+        self._via_projections = {
+            name
+            for name, module in self._modules.items()
+            if probs_fn is None and all(isinstance(getattr(module, p, None), nn.Module) for p in ("to_q", "to_k"))
+        }
         self.current: CapturedPass | None = None
 
     def __enter__(self) -> AttentionCapture:
         try:
             for name, module in self._modules.items():
                 self._handles.append(module.register_forward_pre_hook(self._hook_for(name), with_kwargs=True))
+                if name in self._via_projections:
+                    for kind in ("to_q", "to_k"):
+                        hook = self._projection_hook(name, kind)
+                        self._handles.append(getattr(module, kind).register_forward_hook(hook))
+                    self._handles.append(module.register_forward_hook(self._after_hook(name), with_kwargs=True))
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -179,6 +207,7 @@ class AttentionCapture:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._pending.clear()
         self.current = None  # drop tensors: memory stays flat across generations
 
     def begin(self, latent_hw: tuple[int, int]) -> None:
@@ -188,6 +217,7 @@ class AttentionCapture:
     def finish(self) -> CapturedPass | None:
         """Stop recording and hand over the pass (`None` if none was recording)."""
         captured, self.current = self.current, None
+        self._pending.clear()
         return captured
 
     def _hook_for(self, name: str):
@@ -198,8 +228,59 @@ class AttentionCapture:
             hidden_states = args[0] if args else kwargs["hidden_states"]
             encoder_hidden_states = args[1] if len(args) > 1 else kwargs.get("encoder_hidden_states")
             attention_mask = args[2] if len(args) > 2 else kwargs.get("attention_mask")
+            if name in self._via_projections:
+                # keep the processor's own q/k (to_q/to_k hooks); the probabilities are formed after the layer
+                self._pending[name] = _Pending((hidden_states, encoder_hidden_states, attention_mask))
+                return
             probs_fn = self._probs_fn or head_averaged_probs
             with torch.no_grad():
                 captured.probs[name] = probs_fn(module, hidden_states, encoder_hidden_states, attention_mask)
 
         return hook
+
+    def _projection_hook(self, name: str, kind: str):
+        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            pending = self._pending.get(name)
+            if pending is not None and kind not in pending.projections:  # the first call is the layer's own
+                pending.projections[kind] = output
+
+        return hook
+
+    def _after_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            pending = self._pending.pop(name, None)
+            captured = self.current
+            if pending is None or captured is None:
+                return
+            hidden_states, encoder_hidden_states, attention_mask = pending.inputs
+            if isinstance(encoder_hidden_states, tuple):  # IP-Adapter: (text, image embeds)
+                encoder_hidden_states = encoder_hidden_states[0]
+            query, key = pending.projections.get("to_q"), pending.projections.get("to_k")
+            batch = hidden_states.shape[0]
+            queries = hidden_states.shape[-2] * hidden_states.shape[-1] if hidden_states.ndim == 4 else None
+            queries = queries or hidden_states.shape[1]
+            keys = queries if encoder_hidden_states is None else encoder_hidden_states.shape[1]
+            with torch.no_grad():
+                if (
+                    query is not None
+                    and key is not None
+                    and query.ndim == 3
+                    and key.ndim == 3
+                    and tuple(query.shape[:2]) == (batch, queries)
+                    and tuple(key.shape[:2]) == (batch, keys)
+                ):
+                    captured.probs[name] = probs_from_projections(module, query, key, attention_mask)
+                else:  # the processor did not compute them through to_q/to_k for the whole batch: recompute
+                    captured.probs[name] = head_averaged_probs(
+                        module, hidden_states, encoder_hidden_states, attention_mask
+                    )
+
+        return hook
+
+
+@dataclass
+class _Pending:
+    """One chosen layer between its pre-hook and its forward hook: its inputs and the q/k its processor made."""
+
+    inputs: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+    projections: dict[str, torch.Tensor] = field(default_factory=dict)
