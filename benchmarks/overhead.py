@@ -329,13 +329,12 @@ def breakdown(bench: Bench):
 
         return wrapper
 
-    hook_for = scfg.capture.AttentionCapture._hook_for
-
-    def timed_hook_for(capture, name):  # every family's capture runs in these per-layer pre-hooks
-        return timed(hook_for(capture, name), "capture")
+    def timed_hook(factory):  # capture runs in the per-layer hooks (before the layer, and after it)
+        return lambda capture, name: timed(factory(capture, name), "capture")
 
     names = {
         (scfg.capture.AttentionCapture, "_hook_for"): None,
+        (scfg.capture.AttentionCapture, "_after_hook"): None,
         (integ, "average_layer_maps"): "segmentation",
         (integ, "assign_regions"): "segmentation",
         (integ, "foreground_mask"): "segmentation",
@@ -343,7 +342,8 @@ def breakdown(bench: Bench):
     }
     saved = {key: getattr(*key) for key in names}
     for (module, name), part in names.items():
-        setattr(module, name, timed_hook_for if part is None else timed(saved[(module, name)], part))
+        original = saved[(module, name)]
+        setattr(module, name, timed_hook(original) if part is None else timed(original, part))
     try:
         total = time_one("scfg", bench)
     finally:
