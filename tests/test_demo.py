@@ -123,3 +123,51 @@ def test_benchmark_runs_end_to_end_on_a_tiny_model(tiny_demo_path, tmp_path):
     cfg = result["table"][0]
     assert cfg["spread_before"] == cfg["spread_after"]  # CFG does not rescale
     assert (tmp_path / "samples.png").exists() and "| method |" in (tmp_path / "table.md").read_text()
+
+
+def test_training_resumes_exports_and_documents_itself(tmp_path):
+    """The real recipe at batch 2 for a few steps: resume continues the same run, export loads, the card builds."""
+    import json
+
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from scfg.demo import card, train
+
+    work = tmp_path / "work"
+    common = ["--work", str(work), "--vae-steps", "2", "--vae-batch", "2", "--batch", "2", "--threads", "1"]
+    train.main([*common, "--steps", "2"])
+    first = torch.load(work / "ckpt.pt", weights_only=False)
+    assert (first["state"]["vae_step"], first["state"]["step"]) == (2, 2)
+    assert first["state"]["scaling_factor"] > 0
+    train.main([*common, "--steps", "3"])  # resumes: one more step, the VAE is not retrained
+    second = torch.load(work / "ckpt.pt", weights_only=False)
+    assert (second["state"]["vae_step"], second["state"]["step"]) == (2, 3)
+    assert all(torch.equal(first["vae"][k], second["vae"][k]) for k in first["vae"])
+    assert not all(torch.equal(first["unet"][k], second["unet"][k]) for k in first["unet"])
+
+    folder = tmp_path / "model"
+    train.main([*common, "--export", str(folder)])
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder))
+    from safetensors.torch import load_file
+
+    stored = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+    assert {t.dtype for t in stored.values()} == {torch.float16}  # half the size on disk
+    assert isinstance(pipe.unet, type(train.build_unet()))
+    assert json.loads((folder / "training_state.json").read_text())["step"] == 3
+    card.main([str(folder), "--count", "2", "--steps", "2"])
+    text = (folder / "README.md").read_text()
+    assert "Trained 3 steps" in text and "of 2 images" in text and (folder / "samples.png").exists()
+
+
+def test_learning_rate_schedule():
+    import argparse
+
+    from scfg.demo.train import learning_rate
+
+    args = argparse.Namespace(lr=4e-4, decay_from=1000, decay_to=2000)
+    assert learning_rate(args, 0) == pytest.approx(4e-4 / 200)
+    assert learning_rate(args, 999) == pytest.approx(4e-4)
+    assert learning_rate(args, 1500) == pytest.approx(4e-4 * 0.55)
+    assert learning_rate(args, 5000) == pytest.approx(4e-5)
+    assert learning_rate(argparse.Namespace(lr=1e-3, decay_from=None, decay_to=None), 10**6) == 1e-3

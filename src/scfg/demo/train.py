@@ -18,6 +18,7 @@ import copy
 import json
 import logging
 import os
+import signal
 import time
 
 import numpy as np
@@ -103,6 +104,15 @@ def batch(rng: np.random.Generator, size: int) -> tuple[torch.Tensor, list[str]]
     return images, [s.caption for s in scenes]
 
 
+def learning_rate(args: argparse.Namespace, step: int) -> float:
+    """200 warm-up steps, constant, then (with `--decay-from`/`--decay-to`) linear to 10% and constant after."""
+    lr = args.lr * min(1.0, (step + 1) / 200)
+    if args.decay_from is not None and step >= args.decay_from:
+        span = max(1, args.decay_to - args.decay_from)
+        lr *= 1.0 - 0.9 * min(1.0, (step - args.decay_from) / span)
+    return lr
+
+
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
         for e, p in zip(ema.parameters(), model.parameters(), strict=True):
@@ -132,6 +142,7 @@ class Trainer:
         self.state = {"vae_step": 0, "step": 0, "scaling_factor": None, "seconds": 0.0, "losses": []}
         self.rng = np.random.default_rng(args.seed)
         self.path = os.path.join(args.work, "ckpt.pt")
+        self.stopping = False  # set by SIGTERM/SIGINT: finish the step, save, exit
         if os.path.exists(self.path):
             self.load()
 
@@ -172,7 +183,7 @@ class Trainer:
 
     def train_vae(self) -> None:
         args, last_save, ema_loss = self.args, time.time(), None
-        while self.state["vae_step"] < args.vae_steps:
+        while self.state["vae_step"] < args.vae_steps and not self.stopping:
             t0 = time.time()
             images, _ = batch(self.rng, args.vae_batch)
             dist = self.vae.encode(images).latent_dist
@@ -189,7 +200,7 @@ class Trainer:
             if time.time() - last_save > args.checkpoint_minutes * 60:
                 self.save()
                 last_save = time.time()
-        if self.state["scaling_factor"] is None:
+        if self.state["scaling_factor"] is None and not self.stopping:
             with torch.no_grad():
                 images, _ = batch(self.rng, 256)
                 latents = self.vae.encode(images).latent_dist.mean
@@ -207,7 +218,7 @@ class Trainer:
         args, last_save, ema_loss = self.args, time.time(), None
         self.vae.requires_grad_(False).eval()
         sf = self.state["scaling_factor"]
-        while self.state["step"] < args.steps:
+        while self.state["step"] < args.steps and not self.stopping:
             t0 = time.time()
             images, captions = batch(self.rng, args.batch)
             captions = [c if self.rng.random() >= args.caption_dropout else "" for c in captions]
@@ -216,7 +227,7 @@ class Trainer:
             noise = torch.randn_like(latents)
             t = torch.randint(0, self.scheduler.config.num_train_timesteps, (latents.shape[0],))
             noisy = self.scheduler.add_noise(latents, noise, t)
-            lr = args.lr * min(1.0, (self.state["step"] + 1) / 200)
+            lr = learning_rate(args, self.state["step"])
             for group in self.opt.param_groups:
                 group["lr"] = lr
             pred = self.unet(noisy, t, encoder_hidden_states=self.encode_text(self.text_encoder, captions)).sample
@@ -297,12 +308,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=20000)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=4e-4)
+    parser.add_argument("--decay-from", type=int, default=None, help="step where the lr starts its linear decay")
+    parser.add_argument("--decay-to", type=int, default=None, help="step where the decay reaches 10%% of --lr")
     parser.add_argument("--ema", type=float, default=0.999)
     parser.add_argument("--caption-dropout", type=float, default=0.1)
     parser.add_argument("--checkpoint-minutes", type=float, default=5.0)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if (args.decay_from is None) != (args.decay_to is None) or (
+        args.decay_from is not None and args.decay_to <= args.decay_from
+    ):
+        parser.error("--decay-from and --decay-to go together, with --decay-to > --decay-from")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -310,7 +327,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.export:
         trainer.export(args.export)
         return
+
+    def stop(signum, frame):
+        logger.info("signal %d: saving the checkpoint and stopping", signum)
+        trainer.stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     trainer.train_vae()
+    if trainer.stopping:
+        trainer.save()
+        return
     trainer.train_diffusion()
 
 
