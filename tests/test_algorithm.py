@@ -251,6 +251,8 @@ def test_config_round_trips_through_dict():
         ({"start_fraction": 0.5, "stop_fraction": 0.5}, "start_fraction"),
         ({"max_effective_scale": -1.0}, "max_effective_scale"),
         ({"token_map_smoothing": 0.0}, "token_map_smoothing"),
+        ({"layers_per_level": 0}, "layers_per_level"),
+        ({"layers_per_stack": 1.5}, "layers_per_stack"),
     ],
 )
 def test_invalid_config_names_the_field(overrides, field):

@@ -69,3 +69,28 @@ def test_sdxl_unit_rate_equals_plain_cfg_and_restores(tiny_sdxl):
 def test_sdxl_rejects_latent8(tiny_sdxl):
     with pytest.raises(SCFGError, match="only at levels \\[2, 4\\]"):
         scfg.enable(tiny_sdxl, SCFGConfig(levels=(4, 8)))
+
+
+def test_sdxl_presets_use_the_last_block_of_each_attention_stack(tiny_sdxl):
+    every = scfg.enable(tiny_sdxl, SCFGConfig())  # an SCFGConfig object is used as it is: every block
+    stacks: dict[str, list[str]] = {}
+    for pair in every.pairs:
+        stacks.setdefault(pair.cross.rsplit(".transformer_blocks.", 1)[0], []).append(pair.cross)
+    assert any(len(layers) > 1 for layers in stacks.values())  # the tiny config has 2-deep stacks at latent/4
+    for preset in ("official", "paper"):
+        guard = scfg.enable(tiny_sdxl, preset)
+        assert guard.config.layers_per_stack == 1
+        assert [p.cross for p in guard.pairs] == [layers[-1] for layers in stacks.values()]
+        assert all(p.self_attn == p.cross[: -len("attn2")] + "attn1" for p in guard.pairs)
+    two = scfg.enable(tiny_sdxl, SCFGConfig(layers_per_stack=2, layers_per_level=1))
+    assert [p.cross for p in two.pairs] == [every.pairs[-1].cross]  # stacks first, then the level's last one
+
+
+def test_sdxl_fewer_layers_still_guide(tiny_sdxl):
+    x = latents(1, seed=3)
+    plain = run(tiny_sdxl, "a red cat", x)
+    with scfg.enable(tiny_sdxl, "official"):
+        ours = run(tiny_sdxl, "a red cat", x)
+    with scfg.enable(tiny_sdxl, SCFGConfig()):
+        every = run(tiny_sdxl, "a red cat", x)
+    assert torch.isfinite(ours).all() and not torch.equal(ours, plain) and not torch.equal(ours, every)

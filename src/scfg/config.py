@@ -31,6 +31,10 @@ class SCFGConfig:
         layers_per_level (`int | None`, defaults to `None`):
             Use only the last `k` attention layers (in forward order) of each level; `None` uses all. The released
             DeepFloyd IF code uses 3 (the IF `official` preset sets it).
+        layers_per_stack (`int | None`, defaults to `None`):
+            Inside a UNet's attention stack (one `Transformer2DModel` with several transformer blocks, as in SDXL's
+            10-deep stacks), use only the last `k` blocks; `None` uses all. SD 1.x/2.x stacks have one block, so
+            this changes nothing there; the SDXL presets set 1 (one layer per stack, as SD's recipe has).
         completion (`"official"`, `"power_mean"` or `"none"`, defaults to `"official"`):
             Self-attention completion of the cross-attention maps. `"official"` computes `(S + 3 S²) / 4 · C`
             as the released code does; `"power_mean"` computes `(1/R) Σ_{r=1..R} Sʳ · C` (the paper's text);
@@ -77,6 +81,7 @@ class SCFGConfig:
 
     levels: tuple[int, ...] | None = None
     layers_per_level: int | None = None
+    layers_per_stack: int | None = None
     completion: Literal["official", "power_mean", "none"] = "official"
     completion_order: int = 4
     token_map_smoothing: float | None = 0.5
@@ -121,10 +126,10 @@ class SCFGConfig:
                     "Expected `levels` as None or a non-empty tuple of distinct powers of two (e.g. (4, 8)), but "
                     f"got {self.levels!r}."
                 )
-        if self.layers_per_level is not None and (
-            not isinstance(self.layers_per_level, int) or self.layers_per_level < 1
-        ):
-            raise SCFGError(f"Expected `layers_per_level` >= 1 or None, but got {self.layers_per_level!r}.")
+        for name in ("layers_per_level", "layers_per_stack"):
+            k = getattr(self, name)
+            if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+                raise SCFGError(f"Expected `{name}` >= 1 or None, but got {k!r}.")
         if not isinstance(self.completion_order, int) or self.completion_order < 1:
             raise SCFGError(f"Expected `completion_order` >= 1, but got {self.completion_order!r}.")
         for name in ("token_map_smoothing", "rate_map_smoothing"):

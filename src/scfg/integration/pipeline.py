@@ -60,6 +60,21 @@ class _Regions:
     foreground: torch.Tensor
 
 
+def _stack_of(layer: str) -> str:
+    """The attention stack (`Transformer2DModel`) a UNet layer belongs to; a layer outside one is its own."""
+    return layer.rsplit(".transformer_blocks.", 1)[0] if ".transformer_blocks." in layer else layer
+
+
+def _last_per_group(pairs: list[LayerPair], key: Callable[[LayerPair], Any], k: int | None) -> list[LayerPair]:
+    """Keep the last `k` pairs (forward order) of each group; all when `k` is None."""
+    if k is None:
+        return pairs
+    groups: dict[Any, list[LayerPair]] = {}
+    for pair in pairs:
+        groups.setdefault(key(pair), []).append(pair)
+    return [pair for pair in pairs if pair in groups[key(pair)][-k:]]
+
+
 def enable(
     pipe: Any,
     config: SCFGConfig | str | None = None,
@@ -139,13 +154,8 @@ class SemanticGuidance:
                 f"`levels=` with some of {available}."
             )
         chosen = [p for p in pairs if p.level in self.levels]  # families list pairs in forward order
-        k = self.config.layers_per_level
-        if k is not None:
-            by_level: dict[int, list[LayerPair]] = {}
-            for pair in chosen:
-                by_level.setdefault(pair.level, []).append(pair)
-            chosen = [pair for pair in chosen if pair in by_level[pair.level][-k:]]
-        return chosen
+        chosen = _last_per_group(chosen, lambda pair: _stack_of(pair.cross), self.config.layers_per_stack)
+        return _last_per_group(chosen, lambda pair: pair.level, self.config.layers_per_level)
 
     # -- entering and leaving ---------------------------------------------------------------------------------
 
