@@ -8,6 +8,8 @@
 Methods, interleaved A B C A B C ... after a warm-up, median over `--reps` steps each:
 - `cfg`: the UNet on the CFG batch [uncond, cond] plus the CFG line;
 - `scfg`: the same with `scfg.enable` (hooks on the used layers only, SDPA kept);
+- `scfg-all-layers`: `scfg.SCFGConfig()` as it is, without the family's preset overrides (SDXL: all 60 latent/4
+  layers instead of the last of each stack);
 - `scfg-reuse`: a step that reuses the previous step's regions (`mask_interval=2`): no attention captured;
 - `naive`: prior art: every attention processor replaced by one that materialises softmax(QK^T) per head and
   keeps every map at latent/2 and below; the same S-CFG rule then runs on the stored maps (UNets only: the prior
@@ -19,6 +21,7 @@ Prints a markdown table with ratios against `cfg` from the same run.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import statistics
@@ -252,6 +255,14 @@ def scfg_step(bench: Bench, g=7.5):
         return cfg_line(bench.forward(), g)
 
 
+def scfg_all_layers_step(bench: Bench, g=7.5):
+    """S-CFG with an `SCFGConfig` object as it is (no family preset overrides): e.g. all 60 SDXL latent/4 layers."""
+    import scfg
+
+    with scfg.enable(fake_pipe(bench.model, bench.denoiser, g), scfg.SCFGConfig()):
+        return cfg_line(bench.forward(), g)
+
+
 def scfg_reuse_step(bench: Bench, g=7.5):
     """One step that reuses the previous step's regions (`mask_interval=2`); times only that step."""
     import scfg
@@ -294,7 +305,13 @@ def naive_step(bench: Bench, g=7.5):
         unet.set_attn_processor(dict(originals))
 
 
-STEPS = {"cfg": cfg_step, "scfg": scfg_step, "scfg-reuse": scfg_reuse_step, "naive": naive_step}
+STEPS = {
+    "cfg": cfg_step,
+    "scfg": scfg_step,
+    "scfg-all-layers": scfg_all_layers_step,
+    "scfg-reuse": scfg_reuse_step,
+    "naive": naive_step,
+}
 
 
 def sync(device):
@@ -356,7 +373,11 @@ def peak_memory(args, method):
     """Peak memory of one step of `method`, in a fresh process."""
     command = [sys.executable, __file__, "--model", args.model, "--size", str(args.size), "--device", args.device]
     command += ["--dtype", args.dtype, "--threads", str(args.threads), "--_memory", method]
-    out = subprocess.run(command, capture_output=True, text=True, check=True)
+    out = subprocess.run(command, capture_output=True, text=True)
+    if out.returncode != 0:  # e.g. SIGKILL from the kernel's out-of-memory killer
+        reason = "killed: out of memory?" if out.returncode in (-9, 137) else f"exit code {out.returncode}"
+        print(f"peak memory of {method}: the process failed ({reason})", file=sys.stderr)
+        return {"failed": reason}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -407,6 +428,7 @@ def main():
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--methods", nargs="+", default=None, help="default: cfg scfg scfg-reuse (+ naive for UNets)")
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--memory-methods", nargs="+", default=None, help="methods whose peak memory is measured")
     parser.add_argument("--_memory", help=argparse.SUPPRESS)
     args = parser.parse_args()
     model = MODELS[args.model]
@@ -425,13 +447,18 @@ def main():
         for method in args.methods:
             time_one(method, bench)
     times = {m: [] for m in args.methods}
-    for _ in range(args.reps):
+    for rep in range(args.reps):
         for method in args.methods:
             times[method].append(time_one(method, bench))
+            print(f"rep {rep}: {method} {times[method][-1]:.3f} s", file=sys.stderr, flush=True)
     spent, total = breakdown(bench)
     median = {m: statistics.median(v) for m, v in times.items()}
-    memory = {} if args.no_memory else {m: peak_memory(args, m) for m in args.methods}
     params = sum(p.numel() for p in bench.denoiser.parameters()) / 1e6
+    print(f"timings: {json.dumps(times)}; breakdown {json.dumps(spent)} of {total:.3f} s", flush=True)
+    del bench  # the memory children each build their own model: do not hold a second copy meanwhile
+    gc.collect()
+    measured = [m for m in args.methods if args.memory_methods is None or m in args.memory_methods]
+    memory = {} if args.no_memory else {m: peak_memory(args, m) for m in measured}
     print(
         f"{model.name} ({params:.0f}M parameters, random weights) at {args.size}x{args.size}, batch 2 "
         f"(uncond+cond), {args.device} {args.dtype}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
@@ -444,7 +471,7 @@ def main():
     for m in args.methods:
         mem = memory.get(m, {}).get("peak")
         base = memory.get("cfg", {}).get("peak")
-        mem_s = f"{mem / 2**30:.2f}" if mem else "-"
+        mem_s = f"{mem / 2**30:.2f}" if mem else memory.get(m, {}).get("failed", "-")
         ratio_s = f"{mem / base:.3f}" if mem and base else "-"
         print(f"| {m} | {median[m]:.3f} | {median[m] / median['cfg']:.3f} | {mem_s} | {ratio_s} |")
     if "scfg" in median and "naive" in median:

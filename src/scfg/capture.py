@@ -127,9 +127,10 @@ def head_averaged_softmax(
     total = torch.zeros(batch, num_queries, num_keys, dtype=dtype, device=query.device)
     for start in range(0, heads, step):
         stop = min(heads, start + step)
-        scores = torch.matmul(query[:, start:stop].to(dtype), key[:, start:stop].to(dtype).transpose(-1, -2)) * scale
+        # the scale goes on the (smaller) queries; the scores are then touched in place only
+        scores = torch.matmul(query[:, start:stop].to(dtype) * scale, key[:, start:stop].to(dtype).transpose(-1, -2))
         if bias is not None:
-            scores = scores + bias[:, start:stop]
+            scores += bias[:, start:stop]
         total += scores.softmax(dim=-1).sum(dim=1)
     return total / heads
 

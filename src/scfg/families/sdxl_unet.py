@@ -5,7 +5,7 @@ default is latent/4 alone: `down_blocks.2`, `mid_block` and `up_blocks.0` (10 tr
 a 32x32 grid: the semantic, low-frequency level, and the same relative level as SD's masks). `levels=(2, 4)` adds
 the latent/2 blocks (64x64 grid at 1024 px: 4096x4096 self-attention maps per layer, about 16x the cost) for
 finer masks. The presets use the last transformer block of each attention stack (`layers_per_stack=1`: 6
-layers at latent/4, the count SD's recipe uses; all 60 cost about 9% of a CPU step at 1024 px against about 1%,
+layers at latent/4, the count SD's recipe uses; all 60 cost about 20% of a CPU step at 1024 px against 1.8%,
 benchmarks/RESULTS.md); `layers_per_stack=None` in an `SCFGConfig` uses every block. Token indices come from the first tokenizer; both encoders share positions. The CFG batch is
 `[uncond, cond]` like SD; the UNet's added conditioning (`text_embeds`, `time_ids`) does not affect the maps.
 """
