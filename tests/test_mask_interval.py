@@ -59,29 +59,29 @@ def test_reuse_equals_every_step_run_fed_the_kept_masks(tiny_sd, monkeypatch):
     with scfg.enable(tiny_sd, SCFGConfig(mask_interval=2)):
         reused = run(tiny_sd, ["a cat", "two dogs on grass"], latents, num_inference_steps=5)
 
-    kept: dict[str, torch.Tensor] = {}
-    passes = {"assign": 0, "foreground": 0}
+    passes = {"assign_regions": 0, "foreground_mask": 0}
     assign, foreground = integ.assign_regions, integ.foreground_mask
 
-    def fake_assign(*args, **kwargs):
-        passes["assign"] += 1
-        out = assign(*args, **kwargs)
-        if passes["assign"] % 2 == 1:
-            kept["assign"] = out
-        return kept["assign"]
+    def keeping_odd_passes(name, fn):
+        """`fn`, but on every second call it returns the previous call's result instead of its own."""
+        kept = []
 
-    def fake_foreground(*args, **kwargs):
-        passes["foreground"] += 1
-        out = foreground(*args, **kwargs)
-        if passes["foreground"] % 2 == 1:
-            kept["foreground"] = out
-        return kept["foreground"]
+        def wrapper(*args, **kwargs):
+            passes[name] += 1
+            out = fn(*args, **kwargs)
+            if passes[name] % 2 == 1:
+                kept[:] = [out]
+            return kept[0]
 
+        return wrapper
+
+    fake_assign = keeping_odd_passes("assign_regions", assign)
+    fake_foreground = keeping_odd_passes("foreground_mask", foreground)
     monkeypatch.setattr(integ, "assign_regions", fake_assign)
     monkeypatch.setattr(integ, "foreground_mask", fake_foreground)
     with scfg.enable(tiny_sd):
         expected = run(tiny_sd, ["a cat", "two dogs on grass"], latents, num_inference_steps=5)
-    assert passes["assign"] == 5
+    assert passes == {"assign_regions": 5, "foreground_mask": 5}
     torch.testing.assert_close(reused, expected, rtol=0, atol=0)
 
     monkeypatch.setattr(integ, "assign_regions", assign)
