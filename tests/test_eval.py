@@ -12,6 +12,7 @@ from collections import Counter
 
 import pytest
 import torch
+from conftest import tiny_clip_text_config
 
 from scfg import SCFGError
 from scfg.eval.prompts import load_prompts
@@ -160,17 +161,7 @@ def tiny_clip(folder):
     write_tokenizer(str(folder / "tok"))
     tokenizer = CLIPTokenizer.from_pretrained(str(folder / "tok"))
     config = CLIPConfig(
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=77,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        ),
+        text_config={**tiny_clip_text_config(tokenizer), "num_hidden_layers": 1},
         vision_config=dict(
             hidden_size=16,
             intermediate_size=32,

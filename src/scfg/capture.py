@@ -10,6 +10,7 @@ batch (fused QKV projections, PAG's partial batches, the joint attention of IF a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -258,20 +259,19 @@ class AttentionCapture:
                 encoder_hidden_states = encoder_hidden_states[0]
             query, key = pending.projections.get("to_q"), pending.projections.get("to_k")
             batch = hidden_states.shape[0]
-            queries = hidden_states.shape[-2] * hidden_states.shape[-1] if hidden_states.ndim == 4 else None
-            queries = queries or hidden_states.shape[1]
+            queries = math.prod(hidden_states.shape[2:]) if hidden_states.ndim == 4 else hidden_states.shape[1]
             keys = queries if encoder_hidden_states is None else encoder_hidden_states.shape[1]
+            # the processor's own q/k only if it ran to_q/to_k once on the whole batch (not fused QKV, not PAG slices)
+            own = (
+                query is not None
+                and key is not None
+                and query.shape[:-1] == (batch, queries)
+                and key.shape[:-1] == (batch, keys)
+            )
             with torch.no_grad():
-                if (
-                    query is not None
-                    and key is not None
-                    and query.ndim == 3
-                    and key.ndim == 3
-                    and tuple(query.shape[:2]) == (batch, queries)
-                    and tuple(key.shape[:2]) == (batch, keys)
-                ):
+                if own:
                     captured.probs[name] = probs_from_projections(module, query, key, attention_mask)
-                else:  # the processor did not compute them through to_q/to_k for the whole batch: recompute
+                else:
                     captured.probs[name] = head_averaged_probs(
                         module, hidden_states, encoder_hidden_states, attention_mask
                     )
