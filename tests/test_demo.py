@@ -140,7 +140,8 @@ def test_training_resumes_exports_and_documents_itself(tmp_path):
     first = torch.load(work / "ckpt.pt", weights_only=False)
     assert (first["state"]["vae_step"], first["state"]["step"]) == (2, 2)
     assert first["state"]["scaling_factor"] > 0
-    train.main([*common, "--steps", "3"])  # resumes: one more step, the VAE is not retrained
+    # resumes with other lr settings: one more step, the VAE is not retrained, both settings are recorded
+    train.main([*common, "--steps", "3", "--lr", "1e-4", "--decay-from", "2", "--decay-to", "10"])
     second = torch.load(work / "ckpt.pt", weights_only=False)
     assert (second["state"]["vae_step"], second["state"]["step"]) == (2, 3)
     assert all(torch.equal(first["vae"][k], second["vae"][k]) for k in first["vae"])
@@ -154,10 +155,16 @@ def test_training_resumes_exports_and_documents_itself(tmp_path):
     stored = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
     assert {t.dtype for t in stored.values()} == {torch.float16}  # half the size on disk
     assert isinstance(pipe.unet, type(train.build_unet()))
-    assert json.loads((folder / "training_state.json").read_text())["step"] == 3
+    state = json.loads((folder / "training_state.json").read_text())
+    assert state["step"] == 3
+    assert state["lr_schedule"] == [
+        {"from_step": 0, "lr": 4e-4, "decay_from": None, "decay_to": None},
+        {"from_step": 2, "lr": 1e-4, "decay_from": 2, "decay_to": 10},
+    ]
     card.main([str(folder), "--count", "2", "--steps", "2"])
     text = (folder / "README.md").read_text()
     assert "Trained 3 steps" in text and "of 2 images" in text and (folder / "samples.png").exists()
+    assert "from step 2: lr 0.0001, linear decay from step 2 to 10% at step 10" in text
 
 
 def test_learning_rate_schedule():

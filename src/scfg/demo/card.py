@@ -81,6 +81,19 @@ def accuracy_by_objects(
     return float(np.mean(present)), float(np.mean(full))
 
 
+def describe_schedule(runs: list[dict]) -> str:
+    """The lr settings of each (resumed) run, from the `lr_schedule` the trainer records."""
+    if not runs:
+        return "AdamW, lr 4e-4 with 200 warm-up steps"
+    parts = []
+    for run in runs:
+        text = f"from step {run['from_step']:,}: lr {run['lr']:g}"
+        if run["decay_from"] is not None:
+            text += f", linear decay from step {run['decay_from']:,} to 10% at step {run['decay_to']:,}"
+        parts.append(text)
+    return "AdamW with 200 warm-up steps; " + "; ".join(parts)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder")
@@ -101,6 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     losses = ", ".join(
         f"{loss:.4f} at step {step}" for step, loss in state["losses"][:: max(1, len(state["losses"]) // 8)]
     )
+    schedule = describe_schedule(state.get("lr_schedule", []))
     bench = (Path(args.bench) / "table.md").read_text() if args.bench else "(not run)"
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20
     (folder / "README.md").write_text(
@@ -109,6 +123,7 @@ def main(argv: list[str] | None = None) -> None:
             vae_steps=state["vae_step"],
             hours=state["seconds"] / 3600,
             losses=losses,
+            schedule=schedule,
             steps_sampling=args.steps,
             single=single,
             single_full=single_full,
@@ -158,7 +173,7 @@ Total size {size:.1f} MB.
 ## Training
 `python -m scfg.demo.train --work DIR` (fixed seed, resumable checkpoints every 5 minutes), then
 `python -m scfg.demo.train --work DIR --export FOLDER` (EMA weights, decay 0.999) and
-`python -m scfg.demo.card FOLDER`. AdamW, lr 4e-4 with 200 warm-up steps, batch 32, gradient clip 1.0.
+`python -m scfg.demo.card FOLDER`. Batch 32, gradient clip 1.0. {schedule}.
 Trained {steps} steps in {hours:.2f} hours on {hardware} (torch 2.13, diffusers 0.42).
 Loss (EMA of the MSE): {losses}.
 

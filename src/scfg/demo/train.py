@@ -208,6 +208,14 @@ class Trainer:
             logger.info("vae scaling factor %.4f", self.state["scaling_factor"])
             self.save()
 
+    def record_schedule(self) -> None:
+        """Append this run's lr settings to `state["lr_schedule"]` when they differ from the previous run's, so that
+        a run resumed with other settings still documents how it was trained."""
+        args, runs = self.args, self.state.setdefault("lr_schedule", [])
+        settings = {"lr": args.lr, "decay_from": args.decay_from, "decay_to": args.decay_to}
+        if not runs or {k: runs[-1][k] for k in settings} != settings:
+            runs.append({"from_step": self.state["step"], **settings})
+
     def encode_text(self, encoder: torch.nn.Module, captions: list[str]) -> torch.Tensor:
         ids = self.tokenizer(
             captions, padding="max_length", max_length=MAX_TOKENS, truncation=True, return_tensors="pt"
@@ -218,6 +226,7 @@ class Trainer:
         args, last_save, ema_loss = self.args, time.time(), None
         self.vae.requires_grad_(False).eval()
         sf = self.state["scaling_factor"]
+        self.record_schedule()
         while self.state["step"] < args.steps and not self.stopping:
             t0 = time.time()
             images, captions = batch(self.rng, args.batch)
@@ -276,7 +285,8 @@ class Trainer:
             requires_safety_checker=False,
         )
         pipe.save_pretrained(folder, safe_serialization=True)
-        state = {k: self.state[k] for k in ("vae_step", "step", "scaling_factor", "seconds", "losses")}
+        keys = ("vae_step", "step", "scaling_factor", "seconds", "losses", "lr_schedule")
+        state = {k: self.state[k] for k in keys if k in self.state}
         with open(os.path.join(folder, "training_state.json"), "w") as f:
             json.dump(state, f, indent=1)
         write_checksums(folder)
