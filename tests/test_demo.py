@@ -178,3 +178,14 @@ def test_learning_rate_schedule():
     assert learning_rate(args, 1500) == pytest.approx(4e-4 * 0.55)
     assert learning_rate(args, 5000) == pytest.approx(4e-5)
     assert learning_rate(argparse.Namespace(lr=1e-3, decay_from=None, decay_to=None), 10**6) == 1e-3
+
+
+def test_card_verdict_names_the_parts_of_the_bar():
+    from scfg.demo.card import verdict
+
+    assert "meets the quality bar" in verdict(0.8, 0.5)
+    text = verdict(0.69, 0.54)
+    assert "single-object part is not met yet" in text and "two-object part is met" in text
+    assert "single-object part is not met yet" in verdict(0.5, 0.2) and "two-object part is not met yet" in verdict(
+        0.5, 0.2
+    )
