@@ -81,14 +81,18 @@ def accuracy_by_objects(
     return float(np.mean(present)), float(np.mean(full))
 
 
+BAR = {"single-object": 0.8, "two-object": 0.5}  # the share of right images that calls the model finished
+
+
 def verdict(single: float, double: float) -> str:
-    """Which parts of the bar set for calling the model finished (80% single-object, 50% two-object) are met."""
-    met = {"single-object": single >= 0.8, "two-object": double >= 0.5}
+    """Which parts of `BAR` (single-object, two-object accuracy) are met."""
+    met = {name: value >= BAR[name] for name, value in zip(BAR, (single, double), strict=True)}
+    bar = [f"{value:.0%}" for value in BAR.values()]
     if all(met.values()):
-        return "This meets the quality bar set for shipping (80% single-object, 50% two-object)."
+        return "This meets the quality bar set for shipping ({} single-object, {} two-object).".format(*bar)
     parts = [f"the {name} part is {'met' if ok else 'not met yet'}" for name, ok in met.items()]
     return (
-        f"The bar set for calling the model finished is 80% / 50%: {', '.join(parts)}; this model is a preview "
+        f"The bar set for calling the model finished is {bar[0]} / {bar[1]}: {', '.join(parts)}; this model is a preview "
         "that more training improves."
     )
 
