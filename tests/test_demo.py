@@ -146,6 +146,15 @@ def test_training_resumes_exports_and_documents_itself(tmp_path):
     assert (second["state"]["vae_step"], second["state"]["step"]) == (2, 3)
     assert all(torch.equal(first["vae"][k], second["vae"][k]) for k in first["vae"])
     assert not all(torch.equal(first["unet"][k], second["unet"][k]) for k in first["unet"])
+    # phase 3 fine-tunes the decoder only: the encoder (the UNet's latent space) and the UNet stay as they were
+    train.main(
+        [*common, "--steps", "3", "--lr", "1e-4", "--decay-from", "2", "--decay-to", "10", "--decoder-steps", "2"]
+    )
+    third = torch.load(work / "ckpt.pt", weights_only=False)
+    assert (third["state"]["step"], third["state"]["decoder_step"]) == (3, 2)
+    assert all(torch.equal(second["unet"][k], third["unet"][k]) for k in second["unet"])
+    changed = {k.split(".")[0] for k in second["vae"] if not torch.equal(second["vae"][k], third["vae"][k])}
+    assert changed == {"decoder", "post_quant_conv"}
 
     folder = tmp_path / "model"
     train.main([*common, "--export", str(folder)])
@@ -156,7 +165,7 @@ def test_training_resumes_exports_and_documents_itself(tmp_path):
     assert {t.dtype for t in stored.values()} == {torch.float16}  # half the size on disk
     assert isinstance(pipe.unet, type(train.build_unet()))
     state = json.loads((folder / "training_state.json").read_text())
-    assert state["step"] == 3
+    assert (state["step"], state["decoder_step"]) == (3, 2)
     assert state["lr_schedule"] == [
         {"from_step": 0, "lr": 4e-4, "decay_from": None, "decay_to": None},
         {"from_step": 2, "lr": 1e-4, "decay_from": 2, "decay_to": 10},
@@ -165,6 +174,23 @@ def test_training_resumes_exports_and_documents_itself(tmp_path):
     text = (folder / "README.md").read_text()
     assert "Trained 3 steps" in text and "of 2 images" in text and (folder / "samples.png").exists()
     assert "from step 2: lr 0.0001, linear decay from step 2 to 10% at step 10" in text
+    assert "the decoder alone was fine-tuned 2 steps (lr 0.0005, noise 0.1, batch 2;" in text
+    assert "Every caption word is one token." in text  # a fresh run writes one token per word
+
+
+def test_card_names_the_words_a_tokenizer_splits():
+    """The card says which words the shipped tokenizer splits (it predates one token per word), and into how many."""
+    from transformers import CLIPTokenizer
+
+    from scfg.demo import shipped_model_path
+    from scfg.demo.card import describe_tokens
+    from scfg.demo.data import VOCABULARY
+
+    tokenizer = CLIPTokenizer.from_pretrained(shipped_model_path(), subfolder="tokenizer")
+    text = describe_tokens(tokenizer)
+    for word in VOCABULARY:
+        pieces = tokenizer.tokenize(word)
+        assert (f'"{word}" ({len(pieces)} tokens)' in text) == (len(pieces) > 1), word
 
 
 def test_learning_rate_schedule():

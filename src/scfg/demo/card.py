@@ -110,6 +110,34 @@ def describe_schedule(runs: list[dict]) -> str:
     return "AdamW with 200 warm-up steps; " + "; ".join(parts)
 
 
+def describe_decoder(state: dict) -> str:
+    """The decoder fine-tuning phase of `scfg.demo.train` (`--decoder-steps`), when the model had one."""
+    if not state.get("decoder_step"):
+        return ""
+    settings = state.get("decoder", {})
+    recipe = ", ".join(f"{k} {v}" for k, v in settings.items())
+    return (
+        f"\n  After the UNet, the decoder alone was fine-tuned {state['decoder_step']} steps ({recipe}; encoder frozen, "
+        "so the UNet's latent space is unchanged; latents plus Gaussian noise up to that level)."
+    )
+
+
+def describe_tokens(tokenizer) -> str:
+    """Whether every caption word is one token; names the words this tokenizer splits."""
+    from .data import VOCABULARY
+
+    split = {w: len(tokenizer(w, add_special_tokens=False).input_ids) for w in VOCABULARY}
+    split = {w: n for w, n in split.items() if n > 1}
+    if not split:
+        return "Every caption word is one token."
+    words = ", ".join(f'"{w}" ({n} tokens)' for w, n in split.items())
+    return (
+        f"Every caption word is one token except {words}: this tokenizer was written before `write_tokenizer` "
+        "made every word one token, and the model was trained with it (a fresh `scfg.demo.train` run writes one "
+        "token per word). Captions longer than 24 tokens (some three-object ones) are cut there."
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder")
@@ -153,6 +181,8 @@ def main(argv: list[str] | None = None) -> None:
             bench=bench,
             size=size,
             scaling=state["scaling_factor"],
+            decoder=describe_decoder(state),
+            tokens=describe_tokens(pipe.tokenizer),
         )
     )
     print((folder / "README.md").read_text())
@@ -173,11 +203,11 @@ captions are dropped (empty) for classifier-free guidance.
 
 ## Model
 - `vae`: `AutoencoderKL`, 2 blocks (32, 64 channels), 64x64x3 <-> 32x32x4, no attention; trained first
-  ({vae_steps} steps, batch 16, MSE + 1e-6 KL); scaling factor {scaling:.4f}.
+  ({vae_steps} steps, batch 16, MSE + 1e-6 KL); scaling factor {scaling:.4f}.{decoder}
 - `unet`: `UNet2DConditionModel`, blocks (32, 64, 96, 128), cross-attention only at latent/4 (8x8) and latent/8
   (4x4) — the grids S-CFG's SD recipe uses — 5.4M parameters, stored in float16 (loads as float32).
 - `text_encoder`: 2-layer `CLIPTextModel` (hidden 64), trained jointly; `tokenizer`: a `CLIPTokenizer` over the
-  caption vocabulary, 24 positions (three-object captions whose words split into several tokens are cut at 24).
+  caption vocabulary, 24 positions. {tokens}
 - `scheduler`: DDIM, cosine (`squaredcos_cap_v2`) schedule, epsilon prediction, "leading" spacing.
 Total size {size:.1f} MB.
 

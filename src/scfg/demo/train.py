@@ -1,11 +1,14 @@
 """Train the demo model from scratch on CPU: `python -m scfg.demo.train --work DIR [--export FOLDER]`.
 
-Two phases, both resumable from `DIR/ckpt.pt` (written every `--checkpoint-minutes`):
+Three phases, all resumable from `DIR/ckpt.pt` (written every `--checkpoint-minutes`):
 
 1. a small `AutoencoderKL` (64x64x3 images <-> 32x32x4 latents), reconstruction MSE plus a tiny KL term;
 2. a `UNet2DConditionModel` (cross-attention at latent/4 and latent/8 only, as in SD's recipe) and a 2-layer
    `CLIPTextModel` trained jointly on the frozen autoencoder's latents, epsilon objective, 10% caption dropout for
-   CFG, an EMA of both.
+   CFG, an EMA of both;
+3. (`--decoder-steps`) the VAE decoder alone, encoder frozen, so the latent space the UNet learned stays the same:
+   the short first phase leaves the decoder's colours off (yellow decodes towards orange), and the decoder learns
+   to map slightly perturbed latents (what sampling produces) to the clean image.
 
 `--export FOLDER` writes a standard `StableDiffusionPipeline` folder (safetensors) from the EMA weights.
 Scenes are drawn on the fly from `scfg.demo.data` with a fixed seed.
@@ -135,11 +138,20 @@ class Trainer:
         self.text_encoder = build_text_encoder(len(self.tokenizer))
         self.scheduler = build_scheduler()
         self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=1e-3, weight_decay=0.0)
+        decoder_params = list(self.vae.decoder.parameters()) + list(self.vae.post_quant_conv.parameters())
+        self.decoder_opt = torch.optim.AdamW(decoder_params, lr=args.decoder_lr, weight_decay=0.0)
         params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
         self.opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
         self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False)
         self.ema_text = copy.deepcopy(self.text_encoder).requires_grad_(False)
-        self.state = {"vae_step": 0, "step": 0, "scaling_factor": None, "seconds": 0.0, "losses": []}
+        self.state = {
+            "vae_step": 0,
+            "step": 0,
+            "decoder_step": 0,
+            "scaling_factor": None,
+            "seconds": 0.0,
+            "losses": [],
+        }
         self.rng = np.random.default_rng(args.seed)
         self.path = os.path.join(args.work, "ckpt.pt")
         self.stopping = False  # set by SIGTERM/SIGINT: finish the step, save, exit
@@ -156,6 +168,7 @@ class Trainer:
             "ema_unet": self.ema_unet.state_dict(),
             "ema_text": self.ema_text.state_dict(),
             "vae_opt": self.vae_opt.state_dict(),
+            "decoder_opt": self.decoder_opt.state_dict(),
             "opt": self.opt.state_dict(),
             "state": self.state,
             "rng": self.rng.bit_generator.state,
@@ -174,10 +187,17 @@ class Trainer:
         self.ema_text.load_state_dict(blob["ema_text"])
         self.vae_opt.load_state_dict(blob["vae_opt"])
         self.opt.load_state_dict(blob["opt"])
-        self.state = blob["state"]
+        if "decoder_opt" in blob:  # checkpoints from before the decoder phase have none
+            self.decoder_opt.load_state_dict(blob["decoder_opt"])
+        self.state = {"decoder_step": 0, **blob["state"]}
         self.rng.bit_generator.state = blob["rng"]
         torch.set_rng_state(blob["torch_rng"])
-        logger.info("resumed at vae step %d, step %d", self.state["vae_step"], self.state["step"])
+        logger.info(
+            "resumed at vae step %d, step %d, decoder step %d",
+            self.state["vae_step"],
+            self.state["step"],
+            self.state["decoder_step"],
+        )
 
     # -- phases ---------------------------------------------------------------------------------------------------
 
@@ -265,6 +285,39 @@ class Trainer:
                 last_save = time.time()
         self.save()
 
+    def train_decoder(self) -> None:
+        """Fine-tune the decoder on the frozen encoder's latents plus Gaussian noise of a random level in
+        [0, `--decoder-noise`] (in the UNet's scaled units), reconstruction MSE."""
+        args, last_save, ema_loss = self.args, time.time(), None
+        sf = self.state["scaling_factor"]
+        if args.decoder_steps > self.state["decoder_step"]:
+            settings = {"lr": args.decoder_lr, "noise": args.decoder_noise, "batch": args.batch}
+            self.state.setdefault("decoder", settings)  # the settings of the run that started the phase
+        self.vae.requires_grad_(False)
+        for module in (self.vae.decoder, self.vae.post_quant_conv):
+            module.requires_grad_(True)
+        while self.state["decoder_step"] < args.decoder_steps and not self.stopping:
+            t0 = time.time()
+            images, _ = batch(self.rng, args.batch)
+            with torch.no_grad():
+                latents = self.vae.encode(images).latent_dist.mean
+                level = torch.rand(latents.shape[0], 1, 1, 1) * args.decoder_noise / sf
+                latents = latents + level * torch.randn_like(latents)
+            loss = F.mse_loss(self.vae.decode(latents).sample, images)
+            self.decoder_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.decoder_opt.step()
+            step = self.state["decoder_step"] = self.state["decoder_step"] + 1
+            self.state["seconds"] += time.time() - t0
+            ema_loss = loss.item() if ema_loss is None else 0.95 * ema_loss + 0.05 * loss.item()
+            if step % 50 == 0:
+                logger.info("decoder step %d loss %.5f (%.2f s/step)", step, ema_loss, time.time() - t0)
+            if time.time() - last_save > args.checkpoint_minutes * 60:
+                self.save()
+                last_save = time.time()
+        self.vae.requires_grad_(False)
+        self.save()
+
     # -- export ---------------------------------------------------------------------------------------------------
 
     def export(self, folder: str) -> None:
@@ -285,7 +338,7 @@ class Trainer:
             requires_safety_checker=False,
         )
         pipe.save_pretrained(folder, safe_serialization=True)
-        keys = ("vae_step", "step", "scaling_factor", "seconds", "losses", "lr_schedule")
+        keys = ("vae_step", "step", "decoder_step", "decoder", "scaling_factor", "seconds", "losses", "lr_schedule")
         state = {k: self.state[k] for k in keys if k in self.state}
         with open(os.path.join(folder, "training_state.json"), "w") as f:
             json.dump(state, f, indent=1)
@@ -320,6 +373,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=4e-4)
     parser.add_argument("--decay-from", type=int, default=None, help="step where the lr starts its linear decay")
     parser.add_argument("--decay-to", type=int, default=None, help="step where the decay reaches 10%% of --lr")
+    parser.add_argument("--decoder-steps", type=int, default=0, help="phase 3: decoder fine-tuning steps")
+    parser.add_argument("--decoder-lr", type=float, default=5e-4)
+    parser.add_argument("--decoder-noise", type=float, default=0.1, help="largest latent noise level in phase 3")
     parser.add_argument("--ema", type=float, default=0.999)
     parser.add_argument("--caption-dropout", type=float, default=0.1)
     parser.add_argument("--checkpoint-minutes", type=float, default=5.0)
@@ -349,6 +405,8 @@ def main(argv: list[str] | None = None) -> None:
         trainer.save()
         return
     trainer.train_diffusion()
+    if not trainer.stopping:
+        trainer.train_decoder()
 
 
 if __name__ == "__main__":
