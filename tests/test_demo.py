@@ -136,6 +136,7 @@ def test_training_resumes_exports_and_documents_itself(tmp_path):
 
     work = tmp_path / "work"
     common = ["--work", str(work), "--vae-steps", "2", "--vae-batch", "2", "--batch", "2", "--threads", "1"]
+    common += ["--decoder-steps", "0"]
     train.main([*common, "--steps", "2"])
     first = torch.load(work / "ckpt.pt", weights_only=False)
     assert (first["state"]["vae_step"], first["state"]["step"]) == (2, 2)

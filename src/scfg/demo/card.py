@@ -117,7 +117,7 @@ def describe_decoder(state: dict) -> str:
     settings = state.get("decoder", {})
     recipe = ", ".join(f"{k} {v}" for k, v in settings.items())
     return (
-        f"\n  After the UNet, the decoder alone was fine-tuned {state['decoder_step']} steps ({recipe}; encoder frozen, "
+        f"\n  Later, the decoder alone was fine-tuned {state['decoder_step']} steps ({recipe}; encoder frozen, "
         "so the UNet's latent space is unchanged; latents plus Gaussian noise up to that level)."
     )
 

@@ -373,7 +373,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=4e-4)
     parser.add_argument("--decay-from", type=int, default=None, help="step where the lr starts its linear decay")
     parser.add_argument("--decay-to", type=int, default=None, help="step where the decay reaches 10%% of --lr")
-    parser.add_argument("--decoder-steps", type=int, default=0, help="phase 3: decoder fine-tuning steps")
+    parser.add_argument("--decoder-steps", type=int, default=850, help="phase 3: decoder fine-tuning steps")
     parser.add_argument("--decoder-lr", type=float, default=5e-4)
     parser.add_argument("--decoder-noise", type=float, default=0.1, help="largest latent noise level in phase 3")
     parser.add_argument("--ema", type=float, default=0.999)
