@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folder")
     parser.add_argument("--bench", default=None, help="a bench-compositional output folder (table.md)")
-    parser.add_argument("--count", type=int, default=64, help="captions per accuracy measurement")
+    parser.add_argument("--count", type=int, default=128, help="captions per accuracy measurement")
     parser.add_argument("--steps", type=int, default=30, help="DDIM steps per image")
     args = parser.parse_args(argv)
     from diffusers import StableDiffusionPipeline
