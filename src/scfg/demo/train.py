@@ -138,7 +138,8 @@ class Trainer:
         self.text_encoder = build_text_encoder(len(self.tokenizer))
         self.scheduler = build_scheduler()
         self.vae_opt = torch.optim.AdamW(self.vae.parameters(), lr=1e-3, weight_decay=0.0)
-        decoder_params = list(self.vae.decoder.parameters()) + list(self.vae.post_quant_conv.parameters())
+        self.decoder_modules = (self.vae.decoder, self.vae.post_quant_conv)  # what phase 3 trains
+        decoder_params = [p for module in self.decoder_modules for p in module.parameters()]
         self.decoder_opt = torch.optim.AdamW(decoder_params, lr=args.decoder_lr, weight_decay=0.0)
         params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
         self.opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
@@ -294,7 +295,7 @@ class Trainer:
             settings = {"lr": args.decoder_lr, "noise": args.decoder_noise, "batch": args.batch}
             self.state.setdefault("decoder", settings)  # the settings of the run that started the phase
         self.vae.requires_grad_(False)
-        for module in (self.vae.decoder, self.vae.post_quant_conv):
+        for module in self.decoder_modules:
             module.requires_grad_(True)
         while self.state["decoder_step"] < args.decoder_steps and not self.stopping:
             t0 = time.time()
