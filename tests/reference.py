@@ -1,4 +1,4 @@
-"""A deliberately plain float64 reference of S-CFG, written from ALGORITHM.md without the library's code.
+"""A deliberately plain float64 reference of S-CFG, written from docs/algorithm.md without the library's code.
 
 Loops over samples, layers, tokens and pixels; explicit matrix powers; hand-indexed reflect padding. Slow and
 obvious on purpose: the optimised library path is compared against it.

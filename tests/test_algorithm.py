@@ -1,4 +1,4 @@
-"""The pure algorithm (scfg.segment, scfg.rule, scfg.config): hand-made tensors and ALGORITHM.md's invariants."""
+"""The pure algorithm (scfg.segment, scfg.rule, scfg.config): hand-made tensors and docs/algorithm.md's invariants."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference import gaussian_blur, reference_maps, reference_rate
 
-from scfg import SCFGConfig, SCFGError
+from scfg import PRESETS, SCFGConfig, SCFGError
 from scfg.rule import finish_rate_map, region_rates, semantic_guidance
 from scfg.segment import (
     assign_regions,
@@ -223,10 +223,11 @@ def test_rule_properties(seed, tokens, h, w, g, scale):
 
 
 def test_presets_differ_as_documented():
-    official, paper = SCFGConfig.preset("official"), SCFGConfig.preset("paper")
-    assert official == SCFGConfig()
+    official, paper = SCFGConfig.preset("official").resolve(), SCFGConfig.preset("paper").resolve()
+    assert official == SCFGConfig().resolve() == PRESETS["official"] and paper == PRESETS["paper"]
     different = {f.name for f in dataclasses.fields(SCFGConfig) if getattr(official, f.name) != getattr(paper, f.name)}
     assert different == {
+        "preset_name",
         "completion",
         "token_map_smoothing",
         "rate_map_smoothing",

@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 import scfg
 from scfg import SCFGError
 from scfg.integration.guider import SemanticGuider
+
+
+def holder(pipe, guidance_scale):
+    """What the engine reads from a pipeline during a step, without a pipeline call (as benchmarks/overhead.py)."""
+    return SimpleNamespace(
+        unet=pipe.unet,
+        scheduler=pipe.scheduler,
+        do_classifier_free_guidance=True,
+        guidance_scale=guidance_scale,
+        guidance_rescale=0.0,
+    )
 
 
 def test_guider_matches_stock_integration(tiny_sd):
@@ -17,10 +30,10 @@ def test_guider_matches_stock_integration(tiny_sd):
     x = torch.randn(1, 4, 32, 48, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     t = torch.tensor(500)
 
-    # reference: the stock integration on one [uncond, cond] pass
-    pipe._guidance_scale, pipe._guidance_rescale = 7.5, 0.0  # what the pipeline sets at the start of a call
+    # reference: the stock integration on one [uncond, cond] pass. A direct `unet(...)` call is only guided for a
+    # holder that has no pipeline calls to observe (inside a real pipeline's block it would be left alone).
     recorder = scfg.Recorder()
-    with scfg.enable(pipe, on_step=recorder):
+    with scfg.enable(holder(pipe, 7.5), on_step=recorder):
         u, c = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond_emb, cond_emb])).sample.chunk(2)
     expected = u + 7.5 * (c - u)
 
@@ -61,9 +74,8 @@ def test_guider_reuses_regions_like_the_stock_integration(tiny_sd, monkeypatch):
     timesteps = pipe.scheduler.timesteps
     xs = [torch.randn(1, 4, 32, 32, generator=torch.Generator().manual_seed(i), dtype=torch.float64) for i in range(3)]
 
-    pipe._guidance_scale, pipe._guidance_rescale = 5.0, 0.0
     expected, recorder = [], scfg.Recorder()
-    with scfg.enable(pipe, config, on_step=recorder):
+    with scfg.enable(holder(pipe, 5.0), config, on_step=recorder):
         for x, t in zip(xs, timesteps, strict=True):
             u, c = unet(torch.cat([x, x]), t, encoder_hidden_states=torch.cat([uncond_emb, cond_emb])).sample.chunk(2)
             expected.append(u + 5.0 * (c - u))

@@ -122,5 +122,5 @@ def test_invalid_mask_interval_is_rejected(value):
 
 
 def test_presets_recompute_every_step():
-    assert SCFGConfig.preset("official").mask_interval == 1
-    assert SCFGConfig.preset("paper").mask_interval == 1
+    assert SCFGConfig.preset("official").resolve().mask_interval == 1
+    assert SCFGConfig.preset("paper").resolve().mask_interval == 1

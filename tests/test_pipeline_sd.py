@@ -178,10 +178,75 @@ def test_v_prediction_pipeline(tiny_sd_v_path):
     assert torch.isfinite(out).all() and len(recorder.steps) == 3
 
 
-def test_guidance_rescale_warns_once(tiny_sd, caplog):
-    with caplog.at_level(logging.WARNING, logger="scfg"), scfg.enable(tiny_sd):
-        run(tiny_sd, "a cat", latents_for(1), guidance_rescale=0.7)
-    assert sum("guidance_rescale" in r.message for r in caplog.records) == 1
+class DenoiserOutputs:
+    """Record the denoiser's output as the model gave it (`before`) and as the pipeline receives it (`after`).
+
+    Forward hooks run in registration order and each sees the output the previous one returned: `before` is
+    registered ahead of S-CFG's hook (outside its block), `after` behind it (inside).
+    """
+
+    def __init__(self, unet):
+        self.unet, self.before, self.after = unet, [], []
+
+    def hook(self, store):
+        def record(module, args, output):
+            store.append(output[0].detach().clone() if isinstance(output, tuple) else output.sample.detach().clone())
+
+        return record
+
+
+def test_rewrite_keeps_cond_and_the_line_gives_the_guided_prediction(tiny_sd):
+    """The cond half reaches the pipeline unchanged (so `guidance_rescale` rescales against the model's own cond,
+    docs/algorithm.md step 8), and the pipeline's own line `u' + g (c - u')` is S-CFG's `u + g·rate·η`."""
+    g = 7.5
+    recorder = scfg.Recorder()
+    outputs = DenoiserOutputs(tiny_sd.unet)
+    first = tiny_sd.unet.register_forward_hook(outputs.hook(outputs.before))
+    try:
+        with scfg.enable(tiny_sd, on_step=recorder):
+            last = tiny_sd.unet.register_forward_hook(outputs.hook(outputs.after))
+            try:
+                run(tiny_sd, "a red cat", latents_for(1), guidance_scale=g, guidance_rescale=0.7)
+            finally:
+                last.remove()
+    finally:
+        first.remove()
+    assert len(outputs.before) == len(recorder.steps) == 3
+    for before, after, report in zip(outputs.before, outputs.after, recorder.steps, strict=True):
+        u, c = before.chunk(2)
+        new_u, new_c = after.chunk(2)
+        assert torch.equal(new_c, c)  # bit for bit
+        target = u.double() + g * report.rate_map.double() * (c.double() - u.double())
+        line = new_u + g * (new_c - new_u)  # float32, as the pipeline computes it
+        # express_guided accepts the rewrite only within 64 float32 ulps of max|target|; the guided prediction
+        # itself is a few roundings (≤ 4 ulp) from the float64 target: 128 ulps bound both with margin.
+        bound = 128 * torch.finfo(torch.float32).eps * target.abs().max()
+        assert (line.double() - target).abs().max() <= bound
+
+
+@pytest.mark.parametrize("g", [50.0, 1e8])
+def test_scale_cap_holds_for_huge_scales(tiny_sd, g):
+    """Above g = 18.75 the official rate is 15/g everywhere: the pipeline's line must give u + 15 η, also at
+    g = 1e8 where float32 cannot carry `g·(c − u')` for a rewritten uncond (both halves then carry the result)."""
+    outputs = DenoiserOutputs(tiny_sd.unet)
+    first = tiny_sd.unet.register_forward_hook(outputs.hook(outputs.before))
+    try:
+        with scfg.enable(tiny_sd):
+            last = tiny_sd.unet.register_forward_hook(outputs.hook(outputs.after))
+            try:
+                run(tiny_sd, "a red cat", latents_for(1), guidance_scale=g, num_inference_steps=1)
+            finally:
+                last.remove()
+    finally:
+        first.remove()
+    (before,), (after,) = outputs.before, outputs.after
+    u, c = before.double().chunk(2)
+    new_u, new_c = after.chunk(2)
+    target = u + 15.0 * (c - u)
+    line = (new_u + g * (new_c - new_u)).double()  # the pipeline's line, float32
+    # 15/g and the smoothing of a constant map are each within a few ulps; the accepted line within 64 ulps.
+    bound = 128 * torch.finfo(torch.float32).eps * target.abs().max()
+    assert (line - target).abs().max() <= bound
 
 
 def test_nested_enable_is_refused_and_outer_survives(tiny_sd):
@@ -229,4 +294,5 @@ def test_every_scheduler(tiny_sd, scheduler_cls):
     with scfg.enable(tiny_sd, on_step=recorder):
         out = run(tiny_sd, "a red cat", latents_for(1), num_inference_steps=4)
     assert torch.isfinite(out).all()
-    assert recorder.steps and all(r.step is not None for r in recorder.steps)
+    # one report per pass of the loop, with the loop's own index (PNDM and Heun repeat timesteps)
+    assert [r.step for r in recorder.steps] == list(range(len(tiny_sd.scheduler.timesteps)))

@@ -60,10 +60,16 @@ def test_sd3_per_sample_masks_and_clip_plus_t5_tokens(tiny_sd3_path):
 
 def test_sd3_token_scales_cover_both_text_parts(tiny_sd3_path):
     pipe = load(tiny_sd3_path)
-    with scfg.enable(pipe, token_scales={"cat": 2.0}) as guard:
+    recorder = scfg.Recorder()
+    with scfg.enable(pipe, token_scales={"cat": 2.0}, on_step=recorder):
         pipe("a red cat", height=64, width=64, **KW)
-        scales = guard._scales
     # "cat" is CLIP position 3 (after the start token) and T5 position 2 (no start token)
+    tokens = recorder.steps[0].tokens[0]
+    assert tokens[3] == "cat</w>" and tokens[77 + 2] == "▁cat"
+    from scfg.tokens import token_scale_tensor
+
+    segments = scfg.families.family_for(pipe).tokenize(pipe, ["a red cat"], len(tokens))
+    scales = token_scale_tensor(segments, ["a red cat"], {"cat": 2.0})
     assert (~torch.isnan(scales[0])).nonzero().flatten().tolist() == [3, 77 + 2]
 
 

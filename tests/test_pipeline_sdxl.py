@@ -72,7 +72,9 @@ def test_sdxl_rejects_latent8(tiny_sdxl):
 
 
 def test_sdxl_presets_use_the_last_block_of_each_attention_stack(tiny_sdxl):
-    every = scfg.enable(tiny_sdxl, SCFGConfig())  # an SCFGConfig object is used as it is: every block
+    every = scfg.enable(tiny_sdxl, SCFGConfig(layers_per_stack=None))  # set explicitly: every block
+    # a config that leaves the field "auto" gets the family's value, whichever way it is built
+    assert scfg.resolve_config(tiny_sdxl, SCFGConfig()).layers_per_stack == 1
     stacks: dict[str, list[str]] = {}
     for pair in every.pairs:
         stacks.setdefault(pair.cross.rsplit(".transformer_blocks.", 1)[0], []).append(pair.cross)
@@ -91,6 +93,6 @@ def test_sdxl_fewer_layers_still_guide(tiny_sdxl):
     plain = run(tiny_sdxl, "a red cat", x)
     with scfg.enable(tiny_sdxl, "official"):
         ours = run(tiny_sdxl, "a red cat", x)
-    with scfg.enable(tiny_sdxl, SCFGConfig()):
+    with scfg.enable(tiny_sdxl, SCFGConfig(layers_per_stack=None)):
         every = run(tiny_sdxl, "a red cat", x)
     assert torch.isfinite(ours).all() and not torch.equal(ours, plain) and not torch.equal(ours, every)

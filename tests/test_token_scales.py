@@ -47,10 +47,20 @@ def test_token_scales_multiply_and_replace_the_word_region(tiny_sd):
 
 
 def test_multi_token_word_scales_all_its_tokens(tiny_sd):
-    recorder = scfg.Recorder()
+    base, scaled = scfg.Recorder(), scfg.Recorder()
     # "zqx" is not in the tiny vocabulary: the tokenizer splits it into characters
-    run(tiny_sd, "a zqx cat", recorder, token_scales={"zqx": 2.0})
-    assert recorder.steps[0].tokens[0][2:5] == ["z", "q", "x</w>"]
+    run(tiny_sd, "a zqx cat", base)
+    run(tiny_sd, "a zqx cat", scaled, token_scales={"zqx": 2.0})
+    step0 = base.steps[0]
+    assert step0.tokens[0][2:5] == ["z", "q", "x</w>"]
+    masks = step0.token_masks.float().repeat_interleave(4, 2).repeat_interleave(4, 3)  # mask grid -> latent
+    every, first_only = torch.full((1, masks.shape[1]), float("nan")), torch.full((1, masks.shape[1]), float("nan"))
+    every[0, 2:5] = 2.0
+    first_only[0, 2] = 2.0
+    expected = apply_token_scales(step0.rate_map, masks, every)
+    # The check discriminates: "q" or "x" owns pixels that "z" does not, so scaling "z" alone would differ.
+    assert not torch.allclose(apply_token_scales(step0.rate_map, masks, first_only), expected)
+    torch.testing.assert_close(scaled.steps[0].rate_map, expected)
 
 
 def test_unknown_word_lists_the_prompt_words(tiny_sd):

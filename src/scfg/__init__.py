@@ -1,11 +1,12 @@
 """Semantic-aware Classifier-Free Guidance (S-CFG, Shen et al., CVPR 2024) for diffusers pipelines."""
 
-from .config import PRESETS, SCFGConfig, SCFGError
+from .config import AUTO, PRESETS, SCFGConfig, SCFGError
 from .diagnostics import Recorder, StepReport
-from .integration import SemanticGuidance, enable
+from .integration import SemanticGuidance, enable, resolve_config
 from .tokens import WordScale, parse_weighted_prompt
 
 __all__ = [
+    "AUTO",
     "PRESETS",
     "Recorder",
     "SCFGConfig",
@@ -15,5 +16,6 @@ __all__ = [
     "WordScale",
     "enable",
     "parse_weighted_prompt",
+    "resolve_config",
 ]
 __version__ = "0.1.0"

@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-__all__ = ["PRESETS", "SCFGConfig", "SCFGError"]
+__all__ = ["AUTO", "PRESETS", "SCFGConfig", "SCFGError"]
+
+AUTO = "auto"
+"""A field left `"auto"` takes the model family's value for the preset (or the preset's own) when S-CFG is enabled."""
+Auto = Literal["auto"]
 
 
 class SCFGError(ValueError):
@@ -18,11 +23,18 @@ class SCFGError(ValueError):
 class SCFGConfig:
     """Every knob of Semantic-aware CFG (Shen et al., CVPR 2024, arXiv 2404.05384).
 
-    The defaults reproduce the authors' released code (the `"official"` preset, ALGORITHM.md section 2).
-    `SCFGConfig.preset("paper")` gives what the paper's text describes (section 3). Tweak a preset with
-    `dataclasses.replace` or `SCFGConfig.preset(name, **overrides)`; instances never change.
+    The `"official"` preset reproduces the authors' released code (docs/algorithm.md section 2);
+    `SCFGConfig.preset("paper")` gives what the paper's text describes (section 3). A field left at its default
+    `"auto"` means "not set by the user": when S-CFG is enabled on a pipeline it takes the model family's value for
+    the preset (SDXL uses one layer per attention stack, PixArt takes the foreground from the conditional half,
+    DeepFloyd IF drops the [0.8, 3] clamp, ...) or else the preset's own value (the defaults listed below). A field
+    given explicitly is never changed. `scfg.enable(pipe, config).config` is the resolved config, every field
+    concrete; `config.resolve(...)` does the same by hand. Instances never change: tweak them with
+    `dataclasses.replace` or `SCFGConfig.preset(name, **overrides)`.
 
     Args:
+        preset_name (`"official"` or `"paper"`, defaults to `"official"`):
+            The preset whose values the `"auto"` fields take.
         levels (`tuple[int, ...] | None`, defaults to `None`):
             Downsampling factors (relative to the latent) of the attention grids whose maps are used. Masks are
             built on the finest of them and coarser maps are upsampled bilinearly to it; every layer at these
@@ -79,91 +91,82 @@ class SCFGConfig:
             for speed (benchmarks/RESULTS.md measures both).
     """
 
-    levels: tuple[int, ...] | None = None
-    layers_per_level: int | None = None
-    layers_per_stack: int | None = None
-    completion: Literal["official", "power_mean", "none"] = "official"
-    completion_order: int = 4
-    token_map_smoothing: float | None = 0.5
-    rate_map_smoothing: float | None = 0.5
-    token_source: Literal["cond", "uncond"] = "cond"
-    foreground_source: Literal["uncond", "cond"] = "uncond"
-    region_tokens: Literal["all", "words"] = "all"
-    tie_break: Literal["multi_hot", "first"] = "multi_hot"
-    benchmark: Literal["foreground", "mean"] = "foreground"
-    rate_clamp: tuple[float, float] | None = (0.8, 3.0)
-    max_effective_scale: float | None = 15.0
-    token_scale_mode: Literal["multiply", "replace"] = "multiply"
-    start_fraction: float = 0.0
-    stop_fraction: float = 1.0
-    mask_interval: int = 1
+    preset_name: str = "official"
+    levels: tuple[int, ...] | Auto | None = AUTO
+    layers_per_level: int | Auto | None = AUTO
+    layers_per_stack: int | Auto | None = AUTO
+    completion: Literal["official", "power_mean", "none"] | Auto = AUTO
+    completion_order: int | Auto = AUTO
+    token_map_smoothing: float | Auto | None = AUTO
+    rate_map_smoothing: float | Auto | None = AUTO
+    token_source: Literal["cond", "uncond"] | Auto = AUTO
+    foreground_source: Literal["uncond", "cond"] | Auto = AUTO
+    region_tokens: Literal["all", "words"] | Auto = AUTO
+    tie_break: Literal["multi_hot", "first"] | Auto = AUTO
+    benchmark: Literal["foreground", "mean"] | Auto = AUTO
+    rate_clamp: tuple[float, float] | Auto | None = AUTO
+    max_effective_scale: float | Auto | None = AUTO
+    token_scale_mode: Literal["multiply", "replace"] | Auto = AUTO
+    start_fraction: float | Auto = AUTO
+    stop_fraction: float | Auto = AUTO
+    mask_interval: int | Auto = AUTO
 
     def __post_init__(self) -> None:
-        # Lists from JSON or the CLI become tuples so that instances stay hashable and comparable.
-        if self.levels is not None:
-            object.__setattr__(self, "levels", tuple(self.levels))
-        if self.rate_clamp is not None:
-            object.__setattr__(self, "rate_clamp", tuple(self.rate_clamp))
-        self._validate()
+        if not isinstance(self.preset_name, str) or self.preset_name not in _BASE:
+            raise SCFGError(f"Expected `preset_name` to be one of {sorted(_BASE)}, but got {self.preset_name!r}.")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "preset_name" or (isinstance(value, str) and value == AUTO):
+                continue
+            try:
+                value = _CHECKS[f.name](value)
+            except (TypeError, ValueError) as err:  # conversions of values of the wrong type
+                raise SCFGError(f"Expected `{f.name}` {_EXPECTED[f.name]}, but got {value!r}.") from err
+            object.__setattr__(self, f.name, value)  # lists from JSON or the CLI become tuples (hashable)
+        start, stop = self._value("start_fraction"), self._value("stop_fraction")
+        if not start < stop:
+            raise SCFGError(
+                f"Expected `start_fraction` < `stop_fraction`, but got {start!r} and {stop!r}. S-CFG runs on the "
+                "steps in between; use a smaller start or a larger stop."
+            )
 
-    def _validate(self) -> None:
-        choices = {
-            "completion": ("official", "power_mean", "none"),
-            "token_source": ("cond", "uncond"),
-            "foreground_source": ("uncond", "cond"),
-            "region_tokens": ("all", "words"),
-            "tie_break": ("multi_hot", "first"),
-            "benchmark": ("foreground", "mean"),
-            "token_scale_mode": ("multiply", "replace"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise SCFGError(f"Expected `{name}` to be one of {allowed}, but got {getattr(self, name)!r}.")
-        if self.levels is not None:
-            powers_of_two = all(isinstance(x, int) and x >= 1 and not x & (x - 1) for x in self.levels)
-            if not self.levels or not powers_of_two or len(set(self.levels)) != len(self.levels):
-                raise SCFGError(
-                    "Expected `levels` as None or a non-empty tuple of distinct powers of two (e.g. (4, 8)), but "
-                    f"got {self.levels!r}."
-                )
-        for name in ("layers_per_level", "layers_per_stack"):
-            k = getattr(self, name)
-            if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-                raise SCFGError(f"Expected `{name}` >= 1 or None, but got {k!r}.")
-        if not isinstance(self.completion_order, int) or self.completion_order < 1:
-            raise SCFGError(f"Expected `completion_order` >= 1, but got {self.completion_order!r}.")
-        for name in ("token_map_smoothing", "rate_map_smoothing"):
-            sigma = getattr(self, name)
-            if sigma is not None and not (isinstance(sigma, int | float) and math.isfinite(sigma) and sigma > 0):
-                raise SCFGError(f"Expected `{name}` > 0 or None, but got {sigma!r}.")
-        if self.rate_clamp is not None:
-            if len(self.rate_clamp) != 2:
-                raise SCFGError(f"Expected `rate_clamp` as (low, high), but got {self.rate_clamp!r}.")
-            low, high = self.rate_clamp
-            if not (math.isfinite(low) and math.isfinite(high) and 0 <= low <= high):
-                raise SCFGError(
-                    f"Expected `rate_clamp` as (low, high) with 0 <= low <= high, but got {self.rate_clamp!r}."
-                )
-        if self.max_effective_scale is not None and not (
-            math.isfinite(self.max_effective_scale) and self.max_effective_scale > 0
-        ):
-            raise SCFGError(f"Expected `max_effective_scale` > 0 or None, but got {self.max_effective_scale!r}.")
-        if isinstance(self.mask_interval, bool) or not isinstance(self.mask_interval, int) or self.mask_interval < 1:
-            raise SCFGError(
-                f"Expected `mask_interval` as an int >= 1 (1: every step), but got {self.mask_interval!r}."
-            )
-        if not 0.0 <= self.start_fraction < self.stop_fraction <= 1.0:
-            raise SCFGError(
-                "Expected 0 <= `start_fraction` < `stop_fraction` <= 1, but got "
-                f"{self.start_fraction!r} and {self.stop_fraction!r}."
-            )
+    def _value(self, name: str) -> Any:
+        """The field's value, or the preset's family-independent value where it is `"auto"`."""
+        value = getattr(self, name)
+        return _BASE[self.preset_name][name] if isinstance(value, str) and value == AUTO else value
+
+    @property
+    def is_resolved(self) -> bool:
+        """Whether no field is `"auto"` (the config a guided pipeline call actually uses)."""
+        return not any(isinstance(getattr(self, f.name), str) and getattr(self, f.name) == AUTO for f in _FIELDS())
+
+    def resolve(self, family_presets: Mapping[str, Mapping[str, Any]] | None = None) -> SCFGConfig:
+        """Return the config with every `"auto"` field set: the model family's value for this preset where it has
+        one (e.g. SDXL's `layers_per_stack=1`), else the preset's. Fields set by the user are kept.
+
+        >>> SCFGConfig(rate_clamp=None).resolve({"official": {"rate_clamp": (1.0, 2.0), "benchmark": "mean"}}).benchmark
+        'mean'
+        >>> SCFGConfig(rate_clamp=None).resolve({"official": {"rate_clamp": (1.0, 2.0)}}).rate_clamp is None
+        True
+        """
+        family = dict((family_presets or {}).get(self.preset_name, {}))
+        unknown = set(family) - {f.name for f in _FIELDS()}
+        if unknown:
+            raise SCFGError(f"Expected family preset values for SCFGConfig fields, but got {sorted(unknown)}.")
+        values = {}
+        for f in _FIELDS():
+            value = getattr(self, f.name)
+            if isinstance(value, str) and value == AUTO and f.name != "preset_name":
+                value = family.get(f.name, _BASE[self.preset_name][f.name])
+            values[f.name] = value
+        return SCFGConfig(**values)
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> SCFGConfig:
-        """Return the named preset (`"official"` or `"paper"`), with `overrides` applied."""
-        if name not in PRESETS:
-            raise SCFGError(f"Expected a preset in {sorted(PRESETS)}, but got {name!r}.")
-        return dataclasses.replace(PRESETS[name], **overrides)
+        """Return the named preset (`"official"` or `"paper"`) with `overrides`; other fields stay `"auto"`."""
+        if not isinstance(name, str) or name not in _BASE:
+            raise SCFGError(f"Expected a preset in {sorted(_BASE)}, but got {name!r}.")
+        return cls(preset_name=name, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the config as JSON-compatible values (tuples become lists)."""
@@ -174,8 +177,10 @@ class SCFGConfig:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SCFGConfig:
+    def from_dict(cls, data: Mapping[str, Any]) -> SCFGConfig:
         """Build a config from `to_dict()` output; unknown keys are an error."""
+        if not isinstance(data, Mapping):
+            raise SCFGError(f"Expected a dict of SCFGConfig fields, but got {type(data).__name__}.")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -183,16 +188,146 @@ class SCFGConfig:
         return cls(**data)
 
 
-PRESETS: dict[str, SCFGConfig] = {
-    # ALGORITHM.md section 2: what the authors' released code computes.
-    "official": SCFGConfig(),
-    # ALGORITHM.md section 3: the paper's text. True power mean, no smoothing, no clamps, regions partition.
-    "paper": SCFGConfig(
-        completion="power_mean",
-        token_map_smoothing=None,
-        rate_map_smoothing=None,
-        tie_break="first",
-        rate_clamp=None,
-        max_effective_scale=None,
-    ),
+def _FIELDS() -> tuple[dataclasses.Field, ...]:
+    return dataclasses.fields(SCFGConfig)
+
+
+# -- validation of one field's value (called for every field that is not "auto") ---------------------------------
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _choice(*allowed: str) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        if not isinstance(value, str) or value not in allowed:
+            raise TypeError
+        return value
+
+    check.allowed = allowed  # type: ignore[attr-defined]
+    return check
+
+
+def _optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def optional(value: Any) -> Any:
+        return None if value is None else check(value)
+
+    return optional
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise TypeError
+    return value
+
+
+def _positive_real(value: Any) -> float:
+    if not _is_real(value) or not math.isfinite(value) or value <= 0:
+        raise TypeError
+    return value
+
+
+def _fraction(value: Any) -> float:
+    if not _is_real(value) or not 0.0 <= value <= 1.0:
+        raise TypeError
+    return value
+
+
+def _levels(value: Any) -> tuple[int, ...]:
+    if not isinstance(value, tuple | list) or not value:
+        raise TypeError
+    levels = tuple(value)
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 and not x & (x - 1) for x in levels):
+        raise TypeError
+    if len(set(levels)) != len(levels):
+        raise TypeError
+    return levels
+
+
+def _rate_clamp(value: Any) -> tuple[float, float]:
+    if not isinstance(value, tuple | list) or len(value) != 2 or not all(_is_real(x) for x in value):
+        raise TypeError
+    low, high = value
+    if not (math.isfinite(low) and math.isfinite(high) and 0 <= low <= high):
+        raise TypeError
+    return float(low), float(high)
+
+
+_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "levels": _optional(_levels),
+    "layers_per_level": _optional(_positive_int),
+    "layers_per_stack": _optional(_positive_int),
+    "completion": _choice("official", "power_mean", "none"),
+    "completion_order": _positive_int,
+    "token_map_smoothing": _optional(_positive_real),
+    "rate_map_smoothing": _optional(_positive_real),
+    "token_source": _choice("cond", "uncond"),
+    "foreground_source": _choice("uncond", "cond"),
+    "region_tokens": _choice("all", "words"),
+    "tie_break": _choice("multi_hot", "first"),
+    "benchmark": _choice("foreground", "mean"),
+    "rate_clamp": _optional(_rate_clamp),
+    "max_effective_scale": _optional(_positive_real),
+    "token_scale_mode": _choice("multiply", "replace"),
+    "start_fraction": _fraction,
+    "stop_fraction": _fraction,
+    "mask_interval": _positive_int,
 }
+
+# What each field accepts, for the error message (the choice fields raise with their own message).
+_EXPECTED = {
+    "levels": "as None or a non-empty tuple of distinct powers of two such as (4, 8) (a tuple, also for one level: (4,))",
+    "layers_per_level": "as an int >= 1 or None",
+    "layers_per_stack": "as an int >= 1 or None",
+    "completion_order": "as an int >= 1",
+    "token_map_smoothing": "as a number > 0 or None",
+    "rate_map_smoothing": "as a number > 0 or None",
+    "rate_clamp": "as None or two numbers (low, high) with 0 <= low <= high",
+    "max_effective_scale": "as a finite number > 0 or None",
+    "start_fraction": "as a number in [0, 1]",
+    "stop_fraction": "as a number in [0, 1]",
+    "mask_interval": "as an int >= 1 (1: every step)",
+}
+_EXPECTED.update(
+    {name: f"to be one of {check.allowed}" for name, check in _CHECKS.items() if hasattr(check, "allowed")}
+)
+
+
+# The family-independent presets, every field concrete. docs/algorithm.md section 2 ("official": the released code) and
+# section 3 ("paper": true power mean, no smoothing, no clamps, regions partition the grid).
+_OFFICIAL: dict[str, Any] = {
+    "levels": None,
+    "layers_per_level": None,
+    "layers_per_stack": None,
+    "completion": "official",
+    "completion_order": 4,
+    "token_map_smoothing": 0.5,
+    "rate_map_smoothing": 0.5,
+    "token_source": "cond",
+    "foreground_source": "uncond",
+    "region_tokens": "all",
+    "tie_break": "multi_hot",
+    "benchmark": "foreground",
+    "rate_clamp": (0.8, 3.0),
+    "max_effective_scale": 15.0,
+    "token_scale_mode": "multiply",
+    "start_fraction": 0.0,
+    "stop_fraction": 1.0,
+    "mask_interval": 1,
+}
+_BASE: dict[str, dict[str, Any]] = {
+    "official": _OFFICIAL,
+    "paper": {
+        **_OFFICIAL,
+        "completion": "power_mean",
+        "token_map_smoothing": None,
+        "rate_map_smoothing": None,
+        "tie_break": "first",
+        "rate_clamp": None,
+        "max_effective_scale": None,
+    },
+}
+
+PRESETS: dict[str, SCFGConfig] = {name: SCFGConfig(preset_name=name, **values) for name, values in _BASE.items()}
+"""The presets with every field concrete, as they apply to a family without preset differences (SD 1.x/2.x)."""

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .config import SCFGError
+
 __all__ = ["Recorder", "StepReport"]
 
 
@@ -66,6 +68,11 @@ class Recorder:
 
     max_steps: int | None = None
     steps: list[StepReport] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        k = self.max_steps
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+            raise SCFGError(f"Expected `max_steps` as an int >= 1 or None (keep every step), but got {k!r}.")
 
     def __call__(self, report: StepReport) -> None:
         self.steps.append(report)

@@ -1,4 +1,4 @@
-"""The per-region guidance rule (ALGORITHM.md section 2, steps 5-8).
+"""The per-region guidance rule (docs/algorithm.md section 2, steps 5-8).
 
 Pure tensor functions: no diffusers, no transformers, no state. `score = pred_cond - pred_uncond` is the classifier
 score η; `rate` is the per-pixel multiplier of the guidance scale `g`.
@@ -127,6 +127,7 @@ def semantic_guidance(
     smoothing: float | None = 0.5,
     token_scales: torch.Tensor | None = None,
     token_scale_mode: Literal["multiply", "replace"] = "multiply",
+    out_dtype: torch.dtype | None = None,
 ) -> GuidanceResult:
     """Apply per-region guidance scales: `pred_uncond + g * rate * (pred_cond - pred_uncond)` (steps 5-8).
 
@@ -142,6 +143,7 @@ def semantic_guidance(
         token_scales (`torch.Tensor`, *optional*): `[B, T]` user multipliers per token (NaN: not set), applied
             after the clamp and cap (the user asked for them) and before smoothing; see `apply_token_scales`.
         token_scale_mode (`str`): `"multiply"` or `"replace"`.
+        out_dtype (`torch.dtype`, *optional*): dtype of `GuidanceResult.guided`; defaults to `pred_cond`'s.
 
     Returns:
         `GuidanceResult`.
@@ -173,4 +175,4 @@ def semantic_guidance(
     rate = smooth(rate, smoothing)
     # 8. combine.
     guided = pred_uncond_hi + guidance_scale * rate * score
-    return GuidanceResult(guided.to(pred_cond.dtype), rate, rates, region_norms, bench_norm)
+    return GuidanceResult(guided.to(out_dtype or pred_cond.dtype), rate, rates, region_norms, bench_norm)

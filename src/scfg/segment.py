@@ -1,4 +1,4 @@
-"""Training-free semantic segmentation from attention maps (ALGORITHM.md section 2, steps 1-5).
+"""Training-free semantic segmentation from attention maps (docs/algorithm.md section 2, steps 1-5).
 
 Pure tensor functions: no diffusers, no transformers, no state. Shapes use `B` (batch), `Q` (image queries of one
 attention grid, `h * w`), `T` (text tokens), `(h, w)` (the mask grid).

@@ -7,7 +7,7 @@ sum to 1), as the released code does. T5 has no start token, so "token 0" of the
 The UNet predicts `[ε; variance]`: only the first `out_channels / 2` channels are guided (the pipeline splits the
 variance off before its CFG line), so the rate is computed from, and applied to, those channels only.
 
-Preset differences (ALGORITHM.md section 4), applied when a preset is chosen by name: the released code uses only
+Preset differences (docs/algorithm.md section 4), the values of every field the user leaves "auto": the released code uses only
 the last 3 layers of each grid; stage I uses the whole-image mean norm as the benchmark; both stages apply only the
 `g · rate <= 15` cap, not the [0.8, 3.0] clamp.
 """

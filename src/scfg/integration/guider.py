@@ -24,7 +24,7 @@ from torch import nn
 
 from ..capture import CapturedPass
 from ..config import SCFGConfig, SCFGError
-from .pipeline import SemanticGuidance
+from .pipeline import SemanticGuidance, _Pass
 
 __all__ = ["SemanticGuider"]
 
@@ -69,7 +69,10 @@ class SemanticGuider(ClassifierFreeGuidance):
 
     def _engine_for(self, denoiser: nn.Module) -> SemanticGuidance:
         if self._engine is None or self._engine.denoiser is not denoiser:
-            self._engine = SemanticGuidance(_as_pipeline(denoiser), self.scfg_config or "official")
+            holder = _as_pipeline(denoiser)
+            holder.guidance_rescale = self.guidance_rescale  # read only where both CFG halves are replaced
+            self._engine = SemanticGuidance(holder, self.scfg_config or "official")
+            self._engine.new_call()
         self._engine.on_step = self.on_step
         return self._engine
 
@@ -77,8 +80,8 @@ class SemanticGuider(ClassifierFreeGuidance):
         super().set_state(step, num_inference_steps, timestep)
         self._passes = {}
         self._reuse = False
-        if step == 0 and self._engine is not None:  # a new pipeline call: regions of the last one never carry over
-            self._engine._regions = None
+        if step == 0 and self._engine is not None:  # a new sampling run: nothing of the last one carries over
+            self._engine.new_call()
 
     def prepare_models(self, denoiser: nn.Module) -> None:
         super().prepare_models(denoiser)
@@ -92,7 +95,7 @@ class SemanticGuider(ClassifierFreeGuidance):
         def begin(module: nn.Module, args: tuple, kwargs: dict) -> None:
             latent_hw = family.latent_hw(args, kwargs)
             # each pass holds one half of the CFG batch
-            if engine._can_reuse(self._step, latent_hw, 2 * family.batch_size(args, kwargs)):
+            if engine.can_reuse(self._step, latent_hw, 2 * family.batch_size(args, kwargs)):
                 self._reuse = True
                 return
             capture.begin(latent_hw)
@@ -123,9 +126,9 @@ class SemanticGuider(ClassifierFreeGuidance):
                 latent_hw=cond.latent_hw, probs={k: torch.cat([uncond.probs[k], cond.probs[k]]) for k in cond.probs}
             )
         timestep = float(torch.as_tensor(self._timestep).flatten()[0]) if self._timestep is not None else 0.0
-        engine._step = (self._step, timestep, float(self.guidance_scale))
-        guided = engine._guide(torch.cat([pred_uncond, pred_cond]), merged)
+        current = _Pass(step=self._step, timestep=timestep, guidance_scale=float(self.guidance_scale))
+        guided = engine.guide(torch.cat([pred_uncond, pred_cond]), merged, current)
         self._passes = {}
         new_uncond, new_cond = guided.chunk(2)
-        # CFG on (uncond, uncond + rate * score) is uncond + g * rate * score
+        # CFG on (uncond', cond) is S-CFG's guided prediction; the rescale sees the model's own cond
         return super().forward(new_cond, new_uncond)
