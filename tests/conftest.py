@@ -467,7 +467,8 @@ def build_tiny_sd3(folder) -> None:
             decoder_start_token_id=0,
         )
     )
-    vae = tiny_vae(use_quant_conv=False, use_post_quant_conv=False)
+    # SD3's VAE is shifted and scaled before decoding (the real one: 0.0609 and 1.5305)
+    vae = tiny_vae(use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5305)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(),

@@ -6,6 +6,7 @@ queue with concurrency 1 per loaded model; inputs are bounded (size, steps, prom
 
 from __future__ import annotations
 
+import inspect
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,22 +99,21 @@ def generate_pair(
         width=width,
     )
 
-    def report(label: str, offset: float):
+    accepts_callback = "callback_on_step_end" in inspect.signature(type(pipe).__call__).parameters
+
+    def report(label: str, offset: float) -> dict[str, Any]:
         def callback(pipeline, step, timestep, callback_kwargs):
             if progress is not None:
                 progress((offset + (step + 1) / steps) / 2, desc=f"{label}: step {step + 1}/{steps}")
             return callback_kwargs
 
-        return callback
+        # pipelines without step-end callbacks (DeepFloyd IF) run without per-step progress
+        return {"callback_on_step_end": callback} if accepts_callback else {}
 
-    cfg = pipe(
-        text, generator=torch.Generator("cpu").manual_seed(seed), callback_on_step_end=report("CFG", 0), **kwargs
-    ).images[0]
+    cfg = pipe(text, generator=torch.Generator("cpu").manual_seed(seed), **report("CFG", 0), **kwargs).images[0]
     recorder = Recorder(max_steps=1)
     with enable(pipe, SCFGConfig.preset(preset), on_step=recorder, token_scales=scales or None):
-        scfg = pipe(
-            text, generator=torch.Generator("cpu").manual_seed(seed), callback_on_step_end=report("S-CFG", 1), **kwargs
-        ).images[0]
+        scfg = pipe(text, generator=torch.Generator("cpu").manual_seed(seed), **report("S-CFG", 1), **kwargs).images[0]
     last = recorder.steps[-1]
     regions, legend = region_map(last, 0, scfg.size)
     overlay = Image.blend(scfg.convert("RGB"), regions, 0.45)
