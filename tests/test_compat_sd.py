@@ -98,8 +98,13 @@ def test_lora_adapters_are_seen_by_the_capture(tiny_sd):
                 param.normal_(0, 0.5, generator=gen(4))
     lora_out, lora_rates = maps()
     assert not torch.allclose(lora_rates, base_rates)
-    tiny_sd.unet.fuse_lora() if hasattr(tiny_sd.unet, "fuse_lora") else None
-    tiny_sd.unet.unload_lora() if hasattr(tiny_sd.unet, "unload_lora") else None
+    weight = tiny_sd.unet.get_submodule("down_blocks.2.attentions.0.transformer_blocks.0.attn2.to_k").base_layer.weight
+    unmerged = weight.detach().clone()
+    tiny_sd.unet.fuse_lora()  # merge the adapter into the weights, then drop it: a missing method fails here
+    tiny_sd.unet.unload_lora()
+    assert not any("lora_" in name for name, _ in tiny_sd.unet.named_parameters())
+    merged = tiny_sd.unet.get_submodule("down_blocks.2.attentions.0.transformer_blocks.0.attn2.to_k").weight
+    assert not torch.equal(merged, unmerged)  # the merge really changed the weights
     fused_out, fused_rates = maps()
     # the maps S-CFG computed with the adapter on equal those of the adapter merged into the weights
     torch.testing.assert_close(lora_rates, fused_rates, rtol=1e-4, atol=1e-5)
