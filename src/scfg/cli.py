@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import sys
+import types
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .config import SCFGConfig, SCFGError
+from .config import PRESETS, SCFGConfig, SCFGError
 
 __all__ = ["main"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("scfg.cli")  # also when run as `python -m scfg.cli` (__main__)
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
@@ -44,32 +48,82 @@ def default_model() -> str | None:
 # -- argument parsing ---------------------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line: `error: <message> (see scfg <command> --help)`, exit 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: {_one_line(message)} (see {self.prog} --help)\n")
+
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:  # reported by the (sub)command they were given to, so that the hint names its --help
+            getattr(parsed, "command_parser", self).error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per SCFGConfig field, generated from the dataclass so that help text has one source."""
     group = parser.add_argument_group("S-CFG knobs (override the preset; see the README for each)")
     hints = typing.get_type_hints(SCFGConfig)
     for f in dataclasses.fields(SCFGConfig):
+        if f.name == "preset_name":  # --preset
+            continue
         flag = "--" + f.name.replace("_", "-")
-        hint = hints[f.name]
-        origin = typing.get_origin(hint)
-        args = typing.get_args(hint)
+        parts = _union_parts(hints[f.name])
+        literals = [c for p in parts if typing.get_origin(p) is typing.Literal for c in typing.get_args(p)]
+        choices = [c for c in literals if c != "auto"]  # "auto" (not set) is what leaving the flag out means
+        optional = type(None) in parts
         kwargs: dict[str, Any] = {"dest": f"cfg_{f.name}", "default": argparse.SUPPRESS}
-        if origin is typing.Literal:
-            kwargs["choices"] = list(args)
-        elif f.name in ("levels",):
+        if choices:
+            kwargs["choices"] = choices
+        elif f.name == "levels":
             kwargs.update(type=int, nargs="+")
         elif f.name == "rate_clamp":
-            kwargs.update(type=_optional_float, nargs=2, metavar=("LOW", "HIGH"))
-        elif int in args or hint is int:
-            kwargs["type"] = int
+            kwargs.update(type=_clamp_bound, nargs=2, metavar=("LOW", "HIGH"))
+        elif int in parts:
+            kwargs["type"] = _optional_int if optional else int
         else:
-            kwargs["type"] = _optional_float
-        group.add_argument(flag, help=f"default from the preset ({getattr(SCFGConfig(), f.name)!r})", **kwargs)
+            kwargs["type"] = _optional_float if optional else float
+        if "type" in kwargs and "metavar" not in kwargs:
+            kwargs["metavar"] = f.name.upper()
+        value = getattr(PRESETS["official"], f.name)
+        help_text = f"default: from the preset and the model family ({value!r} in 'official')"
+        if optional and kwargs.get("type") in (_optional_int, _optional_float):
+            help_text += "; none for None"
+        group.add_argument(flag, help=help_text, **kwargs)
     group.add_argument("--no-rate-clamp", action="store_true", help="disable the rate clamp")
 
 
+def _union_parts(hint: Any) -> tuple[Any, ...]:
+    """The members of a union type hint (`int | None` -> (int, NoneType)), or the hint itself."""
+    return typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+
+
 def _optional_float(text: str) -> float | None:
-    return None if text.lower() == "none" else float(text)
+    if text.lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or none, but got {text!r}") from None
+
+
+def _optional_int(text: str) -> int | None:
+    if text.lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or none, but got {text!r}") from None
+
+
+def _clamp_bound(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected two numbers LOW HIGH, but got {text!r}. Use --no-rate-clamp to disable the clamp, or two numbers"
+        ) from None
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -105,8 +159,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="scfg", description="Semantic-aware classifier-free guidance (S-CFG).")
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser = _Parser(prog="scfg", description="Semantic-aware classifier-free guidance (S-CFG).")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress, and tracebacks of errors")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="generate images with S-CFG (or plain CFG)")
     _common(gen)
@@ -133,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-size", type=int, default=16)
     bench.add_argument("--device", default=None)
     bench.add_argument("--out", default="bench", help="folder for results.json, table.md, samples.png")
+    bench.add_argument("--overwrite", action="store_true", help="replace results of an earlier run in --out")
     ui = sub.add_parser("ui", help="web UI (Gradio): CFG and S-CFG side by side with regions")
     ui.add_argument("--model", default=None, help="default: the shipped demo model")
     ui.add_argument("--host", default="127.0.0.1")
@@ -166,7 +221,152 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--fid-weights", default=None, help="local Inception weights (torch-fidelity .pth) for FID")
     rep.add_argument("--fid-size", type=int, default=299)
     rep.add_argument("--clip-model", default=None, help="local CLIP folder (or hub id) for the CLIP score")
+    for command_parser in (gen, cmp_, bench, ui, gen_ev, rep):
+        command_parser.set_defaults(command_parser=command_parser)
     return parser
+
+
+# -- validation: every bad input is one `SCFGError` naming its flag, before any output or model loading -----------
+
+_COUNTS = {  # dest -> flag; the integer flags that must be >= 1
+    "steps": "--steps",
+    "num_images": "--num-images",
+    "images_per_prompt": "--images-per-prompt",
+    "batch_size": "--batch-size",
+    "seeds": "--seeds",
+    "limit": "--limit",
+    "fid_size": "--fid-size",
+}
+_SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Check the generation flags the command has (steps, scales, counts, sizes, seed, device); raise `SCFGError`
+    naming the flag. Called before any output is planned or the model is loaded."""
+    counts = {dest: flag for dest, flag in _COUNTS.items() if getattr(args, dest, None) is not None}
+    if args.command == "bench-compositional":
+        counts["prompts"] = "--prompts"
+    for dest, flag in counts.items():
+        value = getattr(args, dest)
+        if value < 1:
+            raise SCFGError(f"Expected `{flag}` to be an integer >= 1, but got {value}. Pass {flag} 1 or more.")
+    scales = [args.scale] if hasattr(args, "scale") else list(getattr(args, "scales", []))
+    for scale in scales:
+        if not math.isfinite(scale):
+            flag = "--scale" if hasattr(args, "scale") else "--scales"
+            raise SCFGError(f"Expected `{flag}` to be a finite number, but got {scale}. Pass e.g. {flag} 7.5.")
+    for flag in ("height", "width"):
+        value = getattr(args, flag, None)
+        if value is not None and (value < 8 or value % 8):
+            raise SCFGError(
+                f"Expected `--{flag}` to be a positive multiple of 8, but got {value}. "
+                f"Pass e.g. --{flag} {max(8, round(value / 8) * 8)}, or leave it out for the model's size."
+            )
+    seed = getattr(args, "seed", None)
+    if seed is not None and not _SEED_RANGE[0] <= seed <= _SEED_RANGE[1]:
+        raise SCFGError(f"Expected `--seed` to fit in 64 bits, but got {seed}. Pass a smaller seed such as 0.")
+    if getattr(args, "device", None) is not None:
+        _check_device(args.device)
+
+
+def _check_device(text: str) -> None:
+    """Raise unless `text` is a device string torch parses (`cpu`, `cuda`, `cuda:1`, `mps`) and that is present."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, TypeError):
+        raise SCFGError(
+            f"Expected `--device` to be a torch device such as cpu, cuda or cuda:1, but got {text!r}. "
+            "Pass one of those, or leave it out to use cuda if available, else cpu."
+        ) from None
+    if device.type == "cpu":
+        return
+    if device.type == "mps":
+        available, count = torch.backends.mps.is_available(), 1
+    else:
+        backend = getattr(torch, device.type, None)
+        if backend is None or not hasattr(backend, "is_available"):
+            raise SCFGError(
+                f"Expected `--device` to be cpu, cuda, mps or another accelerator torch runs on, but got {text!r}. "
+                "Pass one of those, or leave it out."
+            )
+        available = backend.is_available()
+        count = backend.device_count() if available and hasattr(backend, "device_count") else 1
+    if not available:
+        raise SCFGError(
+            f"Expected `--device {text}` to be available, but this torch ({torch.__version__}) sees no "
+            f"{device.type} device. Pass --device cpu, or install a torch build with {device.type} support."
+        )
+    if device.index is not None and device.index >= count:
+        raise SCFGError(
+            f"Expected `--device` to name one of the {count} {device.type} devices (0 to {count - 1}), but got "
+            f"{text!r}. Pass an index below {count}."
+        )
+
+
+def _check_size_for_model(pipe: Any, args: argparse.Namespace) -> None:
+    """Raise unless --height/--width are multiples of the model's VAE downsampling factor (if it has one)."""
+    factor = getattr(pipe, "vae_scale_factor", None)
+    if not isinstance(factor, int) or factor <= 1:
+        return
+    for flag in ("height", "width"):
+        value = getattr(args, flag, None)
+        if value is not None and value % factor:
+            raise SCFGError(
+                f"Expected `--{flag}` to be a multiple of {factor} for this model (its VAE downsamples by {factor}), "
+                f"but got {value}. Pass e.g. --{flag} {max(factor, round(value / factor) * factor)}."
+            )
+
+
+def _require_matplotlib(flag: str) -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SCFGError(
+            f'Expected matplotlib for `{flag}`, but it is not installed. Run `pip install "semantic-cfg[viz]"`, '
+            f"or drop {flag}."
+        ) from None
+
+
+def _config(args: argparse.Namespace) -> SCFGConfig:
+    """`config_from_args`, with errors naming the flags (`--rate-clamp`) rather than the fields (`rate_clamp`)."""
+    try:
+        return config_from_args(args)
+    except SCFGError as err:
+        message = str(err)
+        for f in dataclasses.fields(SCFGConfig):
+            message = message.replace(f"`{f.name}`", f"`--{f.name.replace('_', '-')}`")
+        raise SCFGError(message) from err
+
+
+def _check_writable(paths: list[Path], overwrite: bool, flag: str = "--out") -> None:
+    """Raise if a path exists (unless `overwrite`), is a folder, or could not be created: the nearest existing
+    folder above it must be a writable folder. Creates nothing."""
+    existing = [str(p) for p in paths if p.exists() and not p.is_dir()]
+    if existing and not overwrite:
+        raise SCFGError(f"Expected new output files, but {existing} exist. Pass --overwrite or another {flag}.")
+    for path in paths:
+        if path.is_dir():
+            raise SCFGError(
+                f"Expected `{flag}` to leave room for the file {str(path)!r}, but it is a folder. Pass another {flag}."
+            )
+        ancestor = path.parent
+        while not ancestor.exists() and ancestor != ancestor.parent:
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise SCFGError(
+                f"Expected `{flag}` to be under a folder, but {str(ancestor)!r} is a file. Pass another {flag}."
+            )
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise SCFGError(
+                f"Expected `{flag}` to be writable, but the folder {str(ancestor)!r} is not. Pass another {flag} "
+                "or change the folder's permissions."
+            )
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -177,14 +377,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
         from .eval.prompts import load_prompts
         from .eval.runner import run_generation
 
+        validate_args(args)
+        prompts = load_prompts(args.prompts, args.limit)
+        _check_writable([Path(args.run) / "manifest.jsonl"], overwrite=True)  # resumable: the run folder is reused
         state = PartialState(cpu=not torch.cuda.is_available())  # CPU-only: gloo processes (torchrun/accelerate)
         device = args.device or str(state.device)
         pipe = load_pipeline(args.model, device, args.dtype)
+        _check_size_for_model(pipe, args)
         pipe.set_progress_bar_config(disable=True)
         set_scheduler(pipe, args.scheduler)
         rows = run_generation(
             pipe,
-            load_prompts(args.prompts, args.limit),
+            prompts,
             args.run,
             args.methods,
             args.scales,
@@ -199,6 +403,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         return
     from .eval.report import build_report
 
+    validate_args(args)
     fid_fn = clip_fn = None
     if args.reference is not None:
         from .eval.metrics import fid
@@ -221,6 +426,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_bench(args: argparse.Namespace) -> None:
     from .demo.bench import format_table, run_benchmark
 
+    validate_args(args)
+    _check_writable([Path(args.out) / name for name in ("results.json", "table.md", "samples.png")], args.overwrite)
     pipe = load_pipeline(args.model, args.device, "float32")
     pipe.set_progress_bar_config(disable=True)
     result = run_benchmark(
@@ -297,20 +504,41 @@ def _prompt(args: argparse.Namespace) -> str:
     return prompt
 
 
-def _output_paths(out: str, stem: str, count: int, overwrite: bool) -> list[Path]:
+def _output_paths(out: str, stem: str, count: int, extras: tuple[str, ...] = ()) -> tuple[list[Path], list[Path]]:
+    """The PNGs a command writes (one per image) and, per PNG, its companions (`<png stem><extra>`). Creates
+    nothing: `_check_writable` checks them all before anything is generated."""
     target = Path(out)
     if target.suffix.lower() == ".png":
-        target.parent.mkdir(parents=True, exist_ok=True)
         paths = [target] if count == 1 else [target.with_name(f"{target.stem}-{i}.png") for i in range(count)]
     else:
         if target.exists() and not target.is_dir():
-            raise SCFGError(f"Expected `--out` to be a folder or a .png path, but {out!r} is a file.")
-        target.mkdir(parents=True, exist_ok=True)
+            raise SCFGError(
+                f"Expected `--out` to be a folder or a .png path, but {out!r} is a file. Pass another --out."
+            )
         paths = [target / f"{stem}-{i}.png" for i in range(count)]
-    existing = [str(p) for p in paths if p.exists()]
-    if existing and not overwrite:
-        raise SCFGError(f"Expected new output files, but {existing} exist. Pass --overwrite or another --out.")
-    return paths
+    companions = [Path(f"{path.with_suffix('')}{extra}") for path in paths for extra in extras]
+    return paths, companions
+
+
+@contextlib.contextmanager
+def _new_file(path: Path, overwrite: bool) -> Iterator[typing.BinaryIO]:
+    """Open `path` for writing (creating its folders); never replaces a file without `overwrite`, not even one
+    that appeared while generating."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        file = open(path, "wb" if overwrite else "xb")  # closed by the `with` below
+    except FileExistsError:
+        raise SCFGError(
+            f"Expected new output files, but {str(path)!r} appeared while generating. Pass --overwrite or another --out."
+        ) from None
+    with file:
+        yield file
+
+
+def _resolved(pipe: Any, config: SCFGConfig | None) -> SCFGConfig | None:
+    from .integration import resolve_config
+
+    return None if config is None else resolve_config(pipe, config)
 
 
 def _png_info(metadata: dict[str, Any]):
@@ -339,7 +567,6 @@ def _generate(pipe: Any, args: argparse.Namespace, prompt: str, config: SCFGConf
         width=args.width,
         generator=torch.Generator("cpu").manual_seed(args.seed),
     )
-    kwargs["prompt"] = prompt
     if config is None:
         return pipe(**kwargs).images
     with enable(pipe, config, on_step=on_step, token_scales=scales or None):
@@ -367,16 +594,24 @@ def _metadata(args: argparse.Namespace, prompt: str, guidance: str, config: SCFG
 
 def cmd_generate(args: argparse.Namespace) -> list[Path]:
     prompt = _prompt(args)
-    config = config_from_args(args) if args.guidance == "scfg" else None
-    paths = _output_paths(args.out, f"{args.guidance}-seed{args.seed}", args.num_images, args.overwrite)
+    config = _config(args) if args.guidance == "scfg" else None
+    validate_args(args)
+    paths, _ = _output_paths(args.out, f"{args.guidance}-seed{args.seed}", args.num_images)
+    _check_writable(paths, args.overwrite)
     pipe = load_pipeline(args.model, args.device, args.dtype)
+    _check_size_for_model(pipe, args)
+    config = _resolved(pipe, config)  # the model family's preset values, recorded in the PNG as used
     set_scheduler(pipe, args.scheduler)
     images = _generate(pipe, args, prompt, config)
     info = _png_info(_metadata(args, prompt, args.guidance, config))
     for image, path in zip(images, paths, strict=True):
-        image.save(path, pnginfo=info)
+        with _new_file(path, args.overwrite) as file:
+            image.save(file, format="PNG", pnginfo=info)
         print(path)
     return paths
+
+
+REGION_FILES = ("-steps.png", "-steps.gif", "-rates.png")  # what `compare --show-regions` adds per image
 
 
 def cmd_compare(args: argparse.Namespace) -> list[Path]:
@@ -384,9 +619,16 @@ def cmd_compare(args: argparse.Namespace) -> list[Path]:
     from .viz import compare_panel
 
     prompt = _prompt(args)
-    config = config_from_args(args)
-    paths = _output_paths(args.out, f"compare-seed{args.seed}", args.num_images, args.overwrite)
+    config = _config(args)
+    validate_args(args)
+    if args.show_regions:
+        _require_matplotlib("--show-regions")
+    extras = REGION_FILES if args.show_regions else ()
+    paths, companions = _output_paths(args.out, f"compare-seed{args.seed}", args.num_images, extras)
+    _check_writable(paths + companions, args.overwrite)
     pipe = load_pipeline(args.model, args.device, args.dtype)
+    _check_size_for_model(pipe, args)
+    config = _resolved(pipe, config)  # the model family's preset values, recorded in the PNG as used
     set_scheduler(pipe, args.scheduler)
     cfg_images = _generate(pipe, args, prompt, None)
     recorder = Recorder(max_steps=None if args.show_regions else 1)
@@ -395,45 +637,70 @@ def cmd_compare(args: argparse.Namespace) -> list[Path]:
     info = _png_info(_metadata(args, prompt, "compare", config))
     for i, path in enumerate(paths):
         panel = compare_panel(cfg_images[i], scfg_images[i], last, i, args.scale)
-        panel.save(path, pnginfo=info)
+        with _new_file(path, args.overwrite) as file:
+            panel.save(file, format="PNG", pnginfo=info)
         print(path)
         if args.show_regions and recorder.steps:
             from .viz import rate_curves, save_step_animation, step_grid
 
-            stem = path.with_suffix("")
-            step_grid(recorder.steps, i).save(f"{stem}-steps.png")
-            save_step_animation(recorder.steps, f"{stem}-steps.gif", i)
-            rate_curves(recorder.steps, i).save(f"{stem}-rates.png")
-            print(f"{stem}-steps.png\n{stem}-steps.gif\n{stem}-rates.png")
+            steps_png, steps_gif, rates_png = companions[i * len(extras) : (i + 1) * len(extras)]
+            with _new_file(steps_png, args.overwrite) as file:
+                step_grid(recorder.steps, i).save(file, format="PNG")
+            with _new_file(steps_gif, args.overwrite) as file:
+                save_step_animation(recorder.steps, file, i)  # PIL takes the format from the file's name
+            with _new_file(rates_png, args.overwrite) as file:
+                rate_curves(recorder.steps, i).save(file, format="PNG")
+            print(f"{steps_png}\n{steps_gif}\n{rates_png}")
     return paths
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the `scfg` command line; return the exit status. Every error is one `error: ...` line on stderr:
+    2 for bad input, 1 for anything else (`scfg -v ...` logs its traceback), 130 for Ctrl-C."""
     parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help (0) or a parser error, already printed as one line (2)
+        return exit_.code if isinstance(exit_.code, int) else 0 if exit_.code is None else 2
+    logging.basicConfig(format="%(levelname)s %(message)s")
+    logging.getLogger("scfg").setLevel(logging.INFO if args.verbose else logging.WARNING)
+    try:
+        _run(args)
+    except SCFGError as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C); files written so far are kept", file=sys.stderr)
+        return 130
+    except Exception as err:  # the one place that turns any failure into one line
+        logger.info("traceback of the error below", exc_info=err)
+        hint = "" if args.verbose else " (run `scfg -v ...` for the traceback)"
+        print(f"error: {type(err).__name__}: {_one_line(err)}{hint}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run(args: argparse.Namespace) -> None:
     if args.command == "ui":
         from .ui import main as ui_main
 
         ui_main([*(["--model", args.model] if args.model else []), "--host", args.host, "--port", str(args.port)])
-        return 0
+        return
     if getattr(args, "model", "") is None:
         args.model = default_model()
         if args.model is None:
-            parser.error("--model is required (no demo model is installed): a hub id or a local diffusers folder")
-    try:
-        if args.command == "generate":
-            cmd_generate(args)
-        elif args.command == "compare":
-            cmd_compare(args)
-        elif args.command == "eval":
-            cmd_eval(args)
-        else:
-            cmd_bench(args)
-    except SCFGError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+            raise SCFGError(
+                "Expected `--model`, but got none and no demo model is installed. Pass a hub id or a local "
+                "diffusers folder."
+            )
+    if args.command == "generate":
+        cmd_generate(args)
+    elif args.command == "compare":
+        cmd_compare(args)
+    elif args.command == "eval":
+        cmd_eval(args)
+    else:
+        cmd_bench(args)
 
 
 if __name__ == "__main__":
