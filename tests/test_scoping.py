@@ -66,9 +66,9 @@ def test_direct_denoiser_calls_are_left_alone_before_and_after_a_call(tiny_sd):
 
 def test_copy_and_pickle_inside_the_block_raise_clearly(tiny_sd):
     with scfg.enable(tiny_sd):
-        with pytest.raises(SCFGError, match="outside `scfg.enable"):
+        with pytest.raises(SCFGError, match=r"outside `scfg\.enable"):
             copy.deepcopy(tiny_sd)
-        with pytest.raises(SCFGError, match="outside `scfg.enable"):
+        with pytest.raises(SCFGError, match=r"outside `scfg\.enable"):
             pickle.dumps(tiny_sd)
     clone = copy.deepcopy(tiny_sd)  # after the block: a plain pipeline again
     assert type(clone) is StableDiffusionPipeline
@@ -131,7 +131,7 @@ def test_config_field_of_the_wrong_type_is_rejected(case):
     ids=["string", "pairs", "non-numeric", "bool", "nan", "overflow", "negative"],
 )
 def test_bad_token_scales_are_rejected_at_enable(tiny_sd, scales):
-    with pytest.raises(SCFGError, match="token_scales|scale"):
+    with pytest.raises(SCFGError, match=r"token_scales|scale"):
         scfg.enable(tiny_sd, token_scales=scales)
 
 
@@ -144,7 +144,7 @@ def test_on_step_and_recorder_are_checked(tiny_sd):
 
 
 def test_infinite_guidance_scale_is_refused_before_sampling(tiny_sd):
-    with scfg.enable(tiny_sd), pytest.raises(SCFGError, match="finite `guidance_scale`"):
+    with scfg.enable(tiny_sd), pytest.raises(SCFGError, match=r"finite `guidance_scale`"):
         tiny_sd("a cat", height=64, width=64, num_inference_steps=2, guidance_scale=float("inf"))
 
 
