@@ -23,7 +23,7 @@ from torch import nn
 
 from ..capture import head_averaged_softmax
 from . import LayerPair
-from .sd_unet import SDUNetFamily, _block_levels, forward_rank
+from .sd_unet import SDUNetFamily, _block_levels, forward_rank, has_added_kv_attention
 
 __all__ = ["FAMILY", "joint_added_kv_probs"]
 
@@ -66,8 +66,16 @@ class DeepFloydIFFamily(SDUNetFamily):
 
     def matches(self, pipe: Any) -> bool:
         unet = getattr(pipe, "unet", None)
-        return isinstance(unet, UNet2DConditionModel) and any(
-            isinstance(m, Attention) and m.add_k_proj is not None for m in unet.modules()
+        if not isinstance(unet, UNet2DConditionModel) or not has_added_kv_attention(unet):
+            return False
+        # T5 tokens projected into the UNet ("text_proj", "text" added embedding). Kandinsky 2.x decoders have the
+        # same added-KV attention but image (or text+image) conditioning and a MoVQ decoder: not this family.
+        text_encoder = getattr(pipe, "text_encoder", None)
+        return (
+            unet.config.encoder_hid_dim_type in (None, "text_proj")
+            and unet.config.addition_embed_type in (None, "text")
+            and not hasattr(pipe, "movq")
+            and (text_encoder is None or type(text_encoder).__name__ == "T5EncoderModel")
         )
 
     def preset_overrides(self, pipe: Any) -> dict[str, dict[str, Any]]:

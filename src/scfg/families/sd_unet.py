@@ -37,6 +37,16 @@ def _block_levels(unet: UNet2DConditionModel) -> dict[str, int]:
     return levels
 
 
+def has_added_kv_attention(unet: nn.Module) -> bool:
+    """Whether the UNet's attention attends jointly to text through `add_k_proj` (DeepFloyd IF, Kandinsky)."""
+    return any(isinstance(m, Attention) and m.add_k_proj is not None for m in unet.modules())
+
+
+def is_clip_or_none(text_encoder: Any) -> bool:
+    """Whether a text encoder is absent (prompt embeddings passed in) or a transformers CLIP text model."""
+    return text_encoder is None or type(text_encoder).__name__ in ("CLIPTextModel", "CLIPTextModelWithProjection")
+
+
 def forward_rank(name: str) -> tuple[int, int, str]:
     """Sort key in forward order: down blocks, mid block, up blocks (`named_modules` lists up before mid)."""
     parts = name.split(".")
@@ -54,8 +64,16 @@ class SDUNetFamily:
 
     def matches(self, pipe: Any) -> bool:
         unet = getattr(pipe, "unet", None)
-        # SDXL has a second text encoder and no attention at latent/8: it is not this family.
-        return isinstance(unet, UNet2DConditionModel) and not hasattr(pipe, "text_encoder_2")
+        # A UNet conditioned directly on CLIP hidden states. Not SDXL (a second text encoder, no latent/8), not Kolors
+        # (ChatGLM through `encoder_hid_proj`), not Kandinsky or IF (projected or added-KV conditioning).
+        return (
+            isinstance(unet, UNet2DConditionModel)
+            and not hasattr(pipe, "text_encoder_2")
+            and unet.config.encoder_hid_dim_type is None
+            and unet.config.addition_embed_type is None
+            and not has_added_kv_attention(unet)
+            and is_clip_or_none(getattr(pipe, "text_encoder", None))
+        )
 
     def denoiser(self, pipe: Any) -> nn.Module:
         return pipe.unet

@@ -16,7 +16,7 @@ from typing import Any
 
 from diffusers import UNet2DConditionModel
 
-from .sd_unet import SDUNetFamily
+from .sd_unet import SDUNetFamily, is_clip_or_none
 
 __all__ = ["FAMILY"]
 
@@ -29,7 +29,16 @@ class SDXLUNetFamily(SDUNetFamily):
 
     def matches(self, pipe: Any) -> bool:
         unet = getattr(pipe, "unet", None)
-        return isinstance(unet, UNet2DConditionModel) and hasattr(pipe, "text_encoder_2")
+        # Two CLIP encoders (the refiner has only the second) and `text_time` added conditioning; Kolors has the same
+        # UNet shape but ChatGLM tokens through `encoder_hid_proj` (`encoder_hid_dim_type="text_proj"`): not this.
+        return (
+            isinstance(unet, UNet2DConditionModel)
+            and hasattr(pipe, "text_encoder_2")
+            and unet.config.addition_embed_type == "text_time"
+            and unet.config.encoder_hid_dim_type is None
+            and is_clip_or_none(getattr(pipe, "text_encoder", None))
+            and is_clip_or_none(getattr(pipe, "text_encoder_2", None))
+        )
 
     def preset_overrides(self, pipe: Any) -> dict[str, dict[str, Any]]:
         # One layer (the last) per 10-deep attention stack: 6 layers at latent/4, as SD's recipe uses 6 layers.
