@@ -55,7 +55,7 @@ def tiny_kolors() -> KolorsPipeline:
             multi_query_group_num=1,
             seq_length=32,
             original_rope=True,
-        )  # fmt: skip
+        )
     )
     return KolorsPipeline(
         vae=tiny_vae(), text_encoder=text_encoder, tokenizer=None, unet=unet, scheduler=DDPMScheduler()
