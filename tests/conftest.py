@@ -15,6 +15,37 @@ import torch
 WORDS = ["a", "red", "blue", "green", "cat", "dog", "circle", "square", "on", "left", "of", "the", "sofa"]
 
 
+def transformers_major() -> int:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
+
+
+@pytest.fixture(autouse=True, scope="session")
+def float64_causal_mask():
+    """Version compat (transformers 4.x, the floor): CLIP's causal mask is filled with `finfo(float64).min` in a
+    float32 `torch.full`, which overflows for the float64 text encoders of the reference tests. 5.x builds it in
+    the mask's dtype; on 4.x build it with float64 as the default dtype. Nothing changes on 5.x."""
+    if transformers_major() >= 5:
+        yield
+        return
+    from transformers.modeling_attn_mask_utils import AttentionMaskConverter
+
+    original = AttentionMaskConverter._make_causal_mask
+
+    def make_causal_mask(input_ids_shape, dtype, *args, **kwargs):
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64 if dtype == torch.float64 else previous)
+        try:
+            return original(input_ids_shape, dtype, *args, **kwargs)
+        finally:
+            torch.set_default_dtype(previous)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(AttentionMaskConverter, "_make_causal_mask", staticmethod(make_causal_mask))
+        yield
+
+
 def write_tokenizer(folder) -> None:
     """A CLIP tokenizer whose vocabulary is whole words plus single characters; no merges needed."""
     from transformers import CLIPTokenizer
@@ -254,21 +285,43 @@ def tiny_sdxl_path(tmp_path_factory):
 
 def write_t5_tokenizer(folder) -> None:
     """A T5 (Unigram) tokenizer over the test words: no start token, `</s>` at the end, `<pad>` after."""
-    from transformers import T5Tokenizer
-
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
     vocab += [("▁" + w, -1.0) for w in WORDS] + [(c, -5.0) for c in string.ascii_lowercase] + [("▁", -3.0)]
-    tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=77)
+    if transformers_major() >= 5:
+        from transformers import T5Tokenizer
+
+        tokenizer = T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=77)
+    else:  # 4.x: the same `tokenizers` pipeline as 5.x's `T5Tokenizer(vocab=...)`, wrapped in `T5TokenizerFast`
+        from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+        from tokenizers.models import Unigram
+        from transformers import T5TokenizerFast
+
+        backend = Tokenizer(Unigram(vocab, unk_id=2, byte_fallback=False))
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")]
+        )
+        backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+        backend.post_processor = processors.TemplateProcessing(
+            single=["$A", "</s>"], pair=["$A", "</s>", "$B", "</s>"], special_tokens=[("</s>", 1)]
+        )
+        tokenizer = T5TokenizerFast(
+            tokenizer_object=backend,
+            eos_token="</s>",
+            unk_token="<unk>",
+            pad_token="<pad>",
+            extra_ids=0,
+            model_max_length=77,
+        )
     tokenizer.save_pretrained(folder)
 
 
 def build_tiny_if(folder, stage: int = 1) -> None:
     """Save a tiny DeepFloyd IF stage I (or II) pipeline: joint added-KV attention at latent/4 and latent/8."""
     from diffusers import DDPMScheduler, IFPipeline, IFSuperResolutionPipeline, UNet2DConditionModel
-    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast  # 5.x: `T5TokenizerFast is T5Tokenizer`
 
     write_t5_tokenizer(os.path.join(folder, "tokenizer_src"))
-    tokenizer = T5Tokenizer.from_pretrained(os.path.join(folder, "tokenizer_src"))
+    tokenizer = T5TokenizerFast.from_pretrained(os.path.join(folder, "tokenizer_src"))
     torch.manual_seed(0)
     extra = {"class_embed_type": "timestep"} if stage == 2 else {}
     unet = UNet2DConditionModel(
@@ -359,10 +412,10 @@ def tiny_if2_path(tmp_path_factory):
 def build_tiny_pixart(folder) -> None:
     """Save a tiny PixArtSigmaPipeline: 4 DiT blocks, patch 2, learned sigma, T5 with padding masks."""
     from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
-    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+    from transformers import T5Config, T5EncoderModel, T5TokenizerFast  # 5.x: `T5TokenizerFast is T5Tokenizer`
 
     write_t5_tokenizer(os.path.join(folder, "tokenizer_src"))
-    tokenizer = T5Tokenizer.from_pretrained(os.path.join(folder, "tokenizer_src"))
+    tokenizer = T5TokenizerFast.from_pretrained(os.path.join(folder, "tokenizer_src"))
     torch.manual_seed(0)
     transformer = PixArtTransformer2DModel(
         sample_size=16,
@@ -427,13 +480,13 @@ def build_tiny_sd3(folder) -> None:
         CLIPTokenizer,
         T5Config,
         T5EncoderModel,
-        T5Tokenizer,
+        T5TokenizerFast,  # 5.x: `T5TokenizerFast is T5Tokenizer`; 4.x: the one that loads from tokenizer.json
     )
 
     write_tokenizer(os.path.join(folder, "clip_src"))
     write_t5_tokenizer(os.path.join(folder, "t5_src"))
     clip_tok = CLIPTokenizer.from_pretrained(os.path.join(folder, "clip_src"))
-    t5_tok = T5Tokenizer.from_pretrained(os.path.join(folder, "t5_src"))
+    t5_tok = T5TokenizerFast.from_pretrained(os.path.join(folder, "t5_src"))
     torch.manual_seed(0)
     transformer = SD3Transformer2DModel(
         sample_size=16,

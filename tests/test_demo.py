@@ -200,10 +200,12 @@ def test_learning_rate_schedule():
     from scfg.demo.train import learning_rate
 
     args = argparse.Namespace(lr=4e-4, decay_from=1000, decay_to=2000)
-    assert learning_rate(args, 0) == pytest.approx(4e-4 / 200)
-    assert learning_rate(args, 999) == pytest.approx(4e-4)
-    assert learning_rate(args, 1500) == pytest.approx(4e-4 * 0.55)
-    assert learning_rate(args, 5000) == pytest.approx(4e-5)
+    # Python floats: the schedule and the literals each take <= 3 roundings of 2**-53, so 1e-15 relative bounds
+    # them, while a schedule off by one step (e.g. 2/200 instead of 1/200) is off by far more
+    assert learning_rate(args, 0) == pytest.approx(4e-4 / 200, rel=1e-15, abs=0)
+    assert learning_rate(args, 999) == pytest.approx(4e-4, rel=1e-15, abs=0)
+    assert learning_rate(args, 1500) == pytest.approx(4e-4 * 0.55, rel=1e-15, abs=0)
+    assert learning_rate(args, 5000) == pytest.approx(4e-5, rel=1e-15, abs=0)
     assert learning_rate(argparse.Namespace(lr=1e-3, decay_from=None, decay_to=None), 10**6) == 1e-3
 
 

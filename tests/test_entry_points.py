@@ -12,6 +12,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 import scfg
+from scfg.integration import guider
 from scfg.integration.pipeline import SemanticGuidance
 
 FAMILY_PATHS = ["tiny_sd_path", "tiny_sdxl_path", "tiny_if_path", "tiny_pixart_path", "tiny_sd3_path"]
@@ -76,6 +77,9 @@ def test_every_entry_point_resolves_the_family_preset(fixture, request, entered,
         assert config == (official if name.endswith("official") else paper), name
 
 
+@pytest.mark.skipif(
+    guider.ClassifierFreeGuidance is None, reason=f"SemanticGuider needs diffusers>={guider.MIN_DIFFUSERS}"
+)
 @pytest.mark.parametrize("fixture", ["tiny_sd_path", "tiny_sdxl_path"])
 def test_guider_resolves_the_family_preset(fixture, request):
     from scfg.integration.guider import SemanticGuider

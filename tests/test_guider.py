@@ -4,12 +4,25 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import diffusers
 import pytest
 import torch
 
 import scfg
 from scfg import SCFGError
+from scfg.integration import guider as guider_module
 from scfg.integration.guider import SemanticGuider
+
+needs_guiders = pytest.mark.skipif(
+    guider_module.ClassifierFreeGuidance is None,
+    reason=f"SemanticGuider needs diffusers>={guider_module.MIN_DIFFUSERS}; installed: {diffusers.__version__}",
+)
+
+
+@pytest.mark.skipif(guider_module.ClassifierFreeGuidance is not None, reason="this diffusers has the guider API")
+def test_guider_on_old_diffusers_says_which_version_it_needs():
+    with pytest.raises(SCFGError, match=r"diffusers>=0\.36 .* but diffusers .* is installed"):
+        SemanticGuider(guidance_scale=7.5)
 
 
 def holder(pipe, guidance_scale):
@@ -23,6 +36,7 @@ def holder(pipe, guidance_scale):
     )
 
 
+@needs_guiders
 def test_guider_matches_stock_integration(tiny_sd):
     pipe = tiny_sd.to(torch.float64)
     unet = pipe.unet
@@ -51,6 +65,7 @@ def test_guider_matches_stock_integration(tiny_sd):
     assert not unet._forward_pre_hooks and not any(m._forward_pre_hooks for m in unet.modules())
 
 
+@needs_guiders
 def test_guider_outside_cfg_is_plain(tiny_sd):
     guider = SemanticGuider(guidance_scale=1.0)
     guider.set_state(step=0, num_inference_steps=10, timestep=torch.tensor(500))
@@ -60,11 +75,13 @@ def test_guider_outside_cfg_is_plain(tiny_sd):
     assert torch.equal(guider.forward(pred).pred, pred)
 
 
+@needs_guiders
 def test_guider_rejects_original_formulation():
     with pytest.raises(SCFGError, match="use_original_formulation"):
         SemanticGuider(use_original_formulation=True)
 
 
+@needs_guiders
 def test_guider_reuses_regions_like_the_stock_integration(tiny_sd, monkeypatch):
     pipe = tiny_sd.to(torch.float64)
     unet = pipe.unet

@@ -82,6 +82,7 @@ def test_reuse_equals_every_step_run_fed_the_kept_masks(tiny_sd, monkeypatch):
     with scfg.enable(tiny_sd):
         expected = run(tiny_sd, ["a cat", "two dogs on grass"], latents, num_inference_steps=5)
     assert passes == {"assign_regions": 5, "foreground_mask": 5}
+    # the same float32 computation, fed the same masks: bit for bit
     torch.testing.assert_close(reused, expected, rtol=0, atol=0)
 
     monkeypatch.setattr(integ, "assign_regions", assign)

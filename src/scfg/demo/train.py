@@ -339,11 +339,24 @@ class Trainer:
             requires_safety_checker=False,
         )
         pipe.save_pretrained(folder, safe_serialization=True)
+        write_slow_tokenizer_files(os.path.join(folder, "tokenizer"))
         keys = ("vae_step", "step", "decoder_step", "decoder", "scaling_factor", "seconds", "losses", "lr_schedule")
         state = {k: self.state[k] for k in keys if k in self.state}
         with open(os.path.join(folder, "training_state.json"), "w") as f:
             json.dump(state, f, indent=1)
         write_checksums(folder)
+
+
+def write_slow_tokenizer_files(folder: str) -> None:
+    """Write `vocab.json` and `merges.txt` beside a CLIP `tokenizer.json`: transformers 4.x's `CLIPTokenizer` loads
+    from them (5.x saves only `tokenizer.json`); the ids are the same either way."""
+    with open(os.path.join(folder, "tokenizer.json")) as f:
+        model = json.load(f)["model"]
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(model["vocab"], f)
+    merges = [" ".join(m) if isinstance(m, list) else m for m in model["merges"]]
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("\n".join(["#version: 0.2", *merges]) + "\n")
 
 
 def write_checksums(folder: str) -> None:

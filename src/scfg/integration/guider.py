@@ -10,6 +10,10 @@ Modular pipelines run the conditional and unconditional batches as separate deno
 `prepare_models` / `cleanup_models`. The guider records attention only during those passes (hooks installed in
 `prepare_models`, removed in `cleanup_models`), then combines the two passes' maps exactly as the stock-pipeline
 integration combines the two halves of its `[uncond, cond]` batch.
+
+Needs diffusers >= 0.36 (the guider API it builds on: `GuiderOutput`, `set_state`, `prepare_models`,
+`cleanup_models`). On older diffusers this module still imports, and `SemanticGuider(...)` raises `SCFGError`;
+`scfg.enable` works there as usual.
 """
 
 from __future__ import annotations
@@ -17,9 +21,9 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any
 
+import diffusers
 import torch
 from diffusers.configuration_utils import register_to_config
-from diffusers.guiders import ClassifierFreeGuidance
 from torch import nn
 
 from ..capture import CapturedPass
@@ -27,6 +31,23 @@ from ..config import SCFGConfig, SCFGError
 from .pipeline import SemanticGuidance, _Pass
 
 __all__ = ["SemanticGuider"]
+
+MIN_DIFFUSERS = "0.36"  # first release whose guiders return `GuiderOutput` (0.35's preview returns a tuple)
+
+try:
+    from diffusers.guiders import ClassifierFreeGuidance
+    from diffusers.guiders.guider_utils import GuiderOutput  # noqa: F401  (only its presence is checked)
+except ImportError:  # diffusers < 0.36: no guiders, or the 0.35 preview with another API
+    ClassifierFreeGuidance = None
+
+
+def _require_guiders() -> None:
+    if ClassifierFreeGuidance is None:
+        raise SCFGError(
+            f"Expected diffusers>={MIN_DIFFUSERS} for `SemanticGuider` (the modular-pipeline guider API), "
+            f"but diffusers {diffusers.__version__} is installed. Upgrade diffusers, or use `scfg.enable(pipe)` "
+            "with a stock pipeline, which works on this version."
+        )
 
 
 def _as_pipeline(denoiser: nn.Module) -> Any:
@@ -38,13 +59,17 @@ def _as_pipeline(denoiser: nn.Module) -> Any:
     return SimpleNamespace(unet=denoiser)
 
 
-class SemanticGuider(ClassifierFreeGuidance):
-    """Semantic-aware CFG (Shen et al., CVPR 2024) as a guider.
+class SemanticGuider(ClassifierFreeGuidance or object):
+    """Semantic-aware CFG (Shen et al., CVPR 2024) as a guider. Needs diffusers >= 0.36.
 
     Args:
         guidance_scale, guidance_rescale, start, stop, enabled: as in `ClassifierFreeGuidance`.
         scfg_config (`dict`, *optional*): `SCFGConfig.to_dict()` values; the family's `official` preset if `None`.
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> SemanticGuider:
+        _require_guiders()  # before `register_to_config`, which needs a real `ConfigMixin`
+        return super().__new__(cls)
 
     @register_to_config
     def __init__(
