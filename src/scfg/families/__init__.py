@@ -80,8 +80,11 @@ def family_for(pipe: Any) -> ModelFamily:
     for family in _families():
         if family.matches(pipe):
             return family
+    denoiser = getattr(pipe, "unet", getattr(pipe, "transformer", None))
+    text_encoder = getattr(pipe, "text_encoder", None)
+    text = f" and text encoder {type(text_encoder).__name__}" if text_encoder is not None else ""
     raise SCFGError(
         f"Expected a pipeline of a supported model family ({', '.join(FAMILIES)}: StableDiffusion 1.x/2.x, "
         f"SDXL, DeepFloyd IF, PixArt-alpha/Sigma and SD3/3.5 pipelines), but got {type(pipe).__name__} with denoiser "
-        f"{type(getattr(pipe, 'unet', getattr(pipe, 'transformer', None))).__name__}."
+        f"{type(denoiser).__name__}{text}."
     )

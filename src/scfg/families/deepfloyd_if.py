@@ -20,6 +20,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 from torch import nn
+from transformers import T5EncoderModel, T5Tokenizer, T5TokenizerFast
 
 from ..capture import head_averaged_softmax
 from . import LayerPair
@@ -57,6 +58,16 @@ def joint_added_kv_probs(
     return head_averaged_softmax(query, key, float(attn.scale), attn, attention_mask)
 
 
+def has_t5_text(pipe: Any) -> bool:
+    """Whether `pipe.text_encoder` is a transformers `T5EncoderModel` or None (prompt embeddings passed in), and
+    `pipe.tokenizer`, if any, a T5 tokenizer: no start token, so the maps' reference is the first word."""
+    text_encoder = getattr(pipe, "text_encoder", None)
+    tokenizer = getattr(pipe, "tokenizer", None)
+    return (text_encoder is None or isinstance(text_encoder, T5EncoderModel)) and (
+        tokenizer is None or isinstance(tokenizer, (T5Tokenizer, T5TokenizerFast))
+    )
+
+
 class DeepFloydIFFamily(SDUNetFamily):
     """Adapter for DeepFloyd IF stage I and stage II pipelines."""
 
@@ -68,14 +79,13 @@ class DeepFloydIFFamily(SDUNetFamily):
         unet = getattr(pipe, "unet", None)
         if not isinstance(unet, UNet2DConditionModel) or not has_added_kv_attention(unet):
             return False
-        # T5 tokens projected into the UNet ("text_proj", "text" added embedding). Kandinsky 2.x decoders have the
-        # same added-KV attention but image (or text+image) conditioning and a MoVQ decoder: not this family.
-        text_encoder = getattr(pipe, "text_encoder", None)
+        # T5 tokens projected into the UNet ("text_proj", the "text" added embedding). Kandinsky 2.x decoders have the
+        # same added-KV attention but image (2.1: text and image) conditioning, a MoVQ decoder and a prior: not this.
         return (
             unet.config.encoder_hid_dim_type in (None, "text_proj")
             and unet.config.addition_embed_type in (None, "text")
-            and not hasattr(pipe, "movq")
-            and (text_encoder is None or type(text_encoder).__name__ == "T5EncoderModel")
+            and not any(hasattr(pipe, name) for name in ("movq", "prior"))
+            and has_t5_text(pipe)
         )
 
     def preset_overrides(self, pipe: Any) -> dict[str, dict[str, Any]]:

@@ -15,6 +15,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 from torch import nn
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, CLIPTokenizerFast
 
 from . import LayerPair
 
@@ -42,9 +43,26 @@ def has_added_kv_attention(unet: nn.Module) -> bool:
     return any(isinstance(m, Attention) and m.add_k_proj is not None for m in unet.modules())
 
 
-def is_clip_or_none(text_encoder: Any) -> bool:
-    """Whether a text encoder is absent (prompt embeddings passed in) or a transformers CLIP text model."""
-    return text_encoder is None or type(text_encoder).__name__ in ("CLIPTextModel", "CLIPTextModelWithProjection")
+def has_clip_text(pipe: Any, suffix: str = "") -> bool:
+    """Whether `pipe.text_encoder{suffix}` is a transformers CLIP text model or None (prompt embeddings passed in),
+    and `pipe.tokenizer{suffix}`, if any, a CLIP tokenizer: the start token is token 0, the maps' reference."""
+    text_encoder = getattr(pipe, f"text_encoder{suffix}", None)
+    tokenizer = getattr(pipe, f"tokenizer{suffix}", None)
+    return (text_encoder is None or isinstance(text_encoder, (CLIPTextModel, CLIPTextModelWithProjection))) and (
+        tokenizer is None or isinstance(tokenizer, (CLIPTokenizer, CLIPTokenizerFast))
+    )
+
+
+def feeds_text_directly(unet: UNet2DConditionModel) -> bool:
+    """Whether the prompt's hidden states reach cross-attention as they are, with no projection of the model's own.
+
+    `encoder_hid_dim_type` is None, or "ip_image_proj" (a loaded IP-Adapter: it projects only the image embeddings).
+    Kolors projects ChatGLM states ("text_proj") and keeps that projection as `text_encoder_hid_proj` while an
+    IP-Adapter is loaded; Kandinsky 2.x projects image embeddings ("text_image_proj", "image_proj").
+    """
+    return unet.config.encoder_hid_dim_type in (None, "ip_image_proj") and (
+        getattr(unet, "text_encoder_hid_proj", None) is None
+    )
 
 
 def forward_rank(name: str) -> tuple[int, int, str]:
@@ -64,15 +82,15 @@ class SDUNetFamily:
 
     def matches(self, pipe: Any) -> bool:
         unet = getattr(pipe, "unet", None)
-        # A UNet conditioned directly on CLIP hidden states. Not SDXL (a second text encoder, no latent/8), not Kolors
-        # (ChatGLM through `encoder_hid_proj`), not Kandinsky or IF (projected or added-KV conditioning).
+        # A UNet conditioned directly on CLIP hidden states. Not SDXL (a second text encoder, "text_time" added
+        # conditioning), not Kolors (ChatGLM), not IF or Kandinsky (T5 or image embeddings, added-KV attention).
         return (
             isinstance(unet, UNet2DConditionModel)
             and not hasattr(pipe, "text_encoder_2")
-            and unet.config.encoder_hid_dim_type is None
+            and feeds_text_directly(unet)
             and unet.config.addition_embed_type is None
             and not has_added_kv_attention(unet)
-            and is_clip_or_none(getattr(pipe, "text_encoder", None))
+            and has_clip_text(pipe)
         )
 
     def denoiser(self, pipe: Any) -> nn.Module:

@@ -16,7 +16,7 @@ from typing import Any
 
 from diffusers import UNet2DConditionModel
 
-from .sd_unet import SDUNetFamily, is_clip_or_none
+from .sd_unet import SDUNetFamily, feeds_text_directly, has_clip_text
 
 __all__ = ["FAMILY"]
 
@@ -29,15 +29,15 @@ class SDXLUNetFamily(SDUNetFamily):
 
     def matches(self, pipe: Any) -> bool:
         unet = getattr(pipe, "unet", None)
-        # Two CLIP encoders (the refiner has only the second) and `text_time` added conditioning; Kolors has the same
-        # UNet shape but ChatGLM tokens through `encoder_hid_proj` (`encoder_hid_dim_type="text_proj"`): not this.
+        # Two CLIP encoders (the refiner has only the second) and "text_time" added conditioning. Kolors has the same
+        # UNet shape but one ChatGLM encoder, projected in by the UNet ("text_proj"): not this family.
         return (
             isinstance(unet, UNet2DConditionModel)
             and hasattr(pipe, "text_encoder_2")
             and unet.config.addition_embed_type == "text_time"
-            and unet.config.encoder_hid_dim_type is None
-            and is_clip_or_none(getattr(pipe, "text_encoder", None))
-            and is_clip_or_none(getattr(pipe, "text_encoder_2", None))
+            and feeds_text_directly(unet)
+            and has_clip_text(pipe)
+            and has_clip_text(pipe, "_2")
         )
 
     def preset_overrides(self, pipe: Any) -> dict[str, dict[str, Any]]:
