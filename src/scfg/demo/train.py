@@ -349,7 +349,9 @@ class Trainer:
 
 def write_slow_tokenizer_files(folder: str) -> None:
     """Write `vocab.json` and `merges.txt` beside a CLIP `tokenizer.json`: transformers 4.x's `CLIPTokenizer` loads
-    from them (5.x saves only `tokenizer.json`); the ids are the same either way."""
+    from them (5.x saves only `tokenizer.json`; 4.x's slow tokenizer saves them itself); the ids are the same."""
+    if not os.path.exists(os.path.join(folder, "tokenizer.json")):
+        return
     with open(os.path.join(folder, "tokenizer.json")) as f:
         model = json.load(f)["model"]
     with open(os.path.join(folder, "vocab.json"), "w") as f:
