@@ -187,21 +187,31 @@ def test_v_prediction_pipeline(tiny_sd_v_path):
     assert torch.isfinite(out).all() and len(recorder.steps) == 3
 
 
-class DenoiserOutputs:
-    """Record the denoiser's output as the model gave it (`before`) and as the pipeline receives it (`after`).
+def denoiser_outputs(pipe, on_step=None, **kwargs):
+    """Run S-CFG and return the denoiser's outputs as the model gave them and as the pipeline received them.
 
-    Forward hooks run in registration order and each sees the output the previous one returned: `before` is
-    registered ahead of S-CFG's hook (outside its block), `after` behind it (inside).
+    Forward hooks run in registration order and each sees the output the previous one returned: the first hook is
+    registered ahead of S-CFG's (outside its block), the second behind it (inside).
     """
+    before, after = [], []
 
-    def __init__(self, unet):
-        self.unet, self.before, self.after = unet, [], []
-
-    def hook(self, store):
+    def recorder_for(store):
         def record(module, args, output):
             store.append(output[0].detach().clone() if isinstance(output, tuple) else output.sample.detach().clone())
 
         return record
+
+    first = pipe.unet.register_forward_hook(recorder_for(before))
+    try:
+        with scfg.enable(pipe, on_step=on_step):
+            last = pipe.unet.register_forward_hook(recorder_for(after))
+            try:
+                run(pipe, "a red cat", latents_for(1), **kwargs)
+            finally:
+                last.remove()
+    finally:
+        first.remove()
+    return before, after
 
 
 def test_rewrite_keeps_cond_and_the_line_gives_the_guided_prediction(tiny_sd):
@@ -209,19 +219,9 @@ def test_rewrite_keeps_cond_and_the_line_gives_the_guided_prediction(tiny_sd):
     docs/algorithm.md step 8), and the pipeline's own line `u' + g (c - u')` is S-CFG's `u + g·rate·η`."""
     g = 7.5
     recorder = scfg.Recorder()
-    outputs = DenoiserOutputs(tiny_sd.unet)
-    first = tiny_sd.unet.register_forward_hook(outputs.hook(outputs.before))
-    try:
-        with scfg.enable(tiny_sd, on_step=recorder):
-            last = tiny_sd.unet.register_forward_hook(outputs.hook(outputs.after))
-            try:
-                run(tiny_sd, "a red cat", latents_for(1), guidance_scale=g, guidance_rescale=0.7)
-            finally:
-                last.remove()
-    finally:
-        first.remove()
-    assert len(outputs.before) == len(recorder.steps) == 3
-    for before, after, report in zip(outputs.before, outputs.after, recorder.steps, strict=True):
+    befores, afters = denoiser_outputs(tiny_sd, recorder, guidance_scale=g, guidance_rescale=0.7)
+    assert len(befores) == len(recorder.steps) == 3
+    for before, after, report in zip(befores, afters, recorder.steps, strict=True):
         u, c = before.chunk(2)
         new_u, new_c = after.chunk(2)
         assert torch.equal(new_c, c)  # bit for bit
@@ -237,18 +237,7 @@ def test_rewrite_keeps_cond_and_the_line_gives_the_guided_prediction(tiny_sd):
 def test_scale_cap_holds_for_huge_scales(tiny_sd, g):
     """Above g = 18.75 the official rate is 15/g everywhere: the pipeline's line must give u + 15 η, also at
     g = 1e8 where float32 cannot carry `g·(c − u')` for a rewritten uncond (both halves then carry the result)."""
-    outputs = DenoiserOutputs(tiny_sd.unet)
-    first = tiny_sd.unet.register_forward_hook(outputs.hook(outputs.before))
-    try:
-        with scfg.enable(tiny_sd):
-            last = tiny_sd.unet.register_forward_hook(outputs.hook(outputs.after))
-            try:
-                run(tiny_sd, "a red cat", latents_for(1), guidance_scale=g, num_inference_steps=1)
-            finally:
-                last.remove()
-    finally:
-        first.remove()
-    (before,), (after,) = outputs.before, outputs.after
+    (before,), (after,) = denoiser_outputs(tiny_sd, guidance_scale=g, num_inference_steps=1)
     u, c = before.double().chunk(2)
     new_u, new_c = after.chunk(2)
     target = u + 15.0 * (c - u)
