@@ -43,7 +43,7 @@ def test_generate_writes_png_with_parameters(tiny_sd_path, tmp_path):
     assert main(argv) == 0
     image = Image.open(out / "scfg-seed3-0.png")
     assert image.size == (96, 64)
-    params = json.loads(image.text["parameters"])
+    params = json.loads(image.text["scfg"])  # the full JSON; `parameters` is A1111 infotext (test_metadata.py)
     assert params["prompt"] == "a red cat" and params["seed"] == 3 and params["scheduler"] == "dpm++"
     assert params["scfg_config"]["completion"] == "power_mean" and params["scfg_config"]["levels"] == [4]
     # never overwrites without --overwrite
@@ -73,7 +73,8 @@ def test_compare_writes_side_by_side_panel(tiny_sd_path, tmp_path):
     assert main(argv) == 0
     panel = Image.open(out)
     assert panel.width >= 3 * 192  # CFG | S-CFG | regions
-    assert json.loads(panel.text["parameters"])["guidance"] == "compare"
+    assert json.loads(panel.text["scfg"])["guidance"] == "compare"
+    assert "S-CFG panel: CFG | S-CFG | regions" in panel.text["parameters"].splitlines()[-1]
 
 
 def test_plain_cfg_generation(tiny_sd_path, tmp_path):
@@ -94,7 +95,9 @@ def test_plain_cfg_generation(tiny_sd_path, tmp_path):
         str(tmp_path / "one.png"),
     ]
     assert main(argv) == 0
-    assert json.loads(Image.open(tmp_path / "one.png").text["parameters"])["scfg_config"] is None
+    image = Image.open(tmp_path / "one.png")
+    assert json.loads(image.text["scfg"])["scfg_config"] is None
+    assert ", S-CFG: off, " in image.text["parameters"]
 
 
 def test_config_flags_are_generated_from_fields():

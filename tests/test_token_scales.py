@@ -104,4 +104,4 @@ def test_cli_weighted_prompt(tiny_sd_path, tmp_path):
         )
         == 0
     )
-    assert json.loads(Image.open(out).text["parameters"])["prompt"] == "a red cat:2 on the sofa:0.5"
+    assert json.loads(Image.open(out).text["scfg"])["prompt"] == "a red cat:2 on the sofa:0.5"

@@ -6,7 +6,18 @@ import torch
 from PIL import Image
 
 from scfg.diagnostics import StepReport
-from scfg.viz import compare_panel, rate_curves, region_map, save_step_animation, step_figure, step_grid, token_colour
+from scfg.viz import (
+    OTHER_COLOUR,
+    compare_panel,
+    group_tokens,
+    rate_curves,
+    region_map,
+    save_step_animation,
+    step_figure,
+    step_grid,
+    token_colour,
+    word_rates,
+)
 
 
 def fake_report(step=0, t=6):
@@ -34,6 +45,75 @@ def test_region_map_colours_tokens_consistently_with_legend():
     assert [(label, share) for label, _, share in legend] == [("red", 0.5), ("cat", 0.5)]
 
 
+def split_word_report(step=0):
+    """ "a yellow triangle" with "triangle" in pieces; the end tokens own the bottom row."""
+    tokens = ["<|startoftext|>", "yellow</w>", "tri", "an", "gle</w>", "<|endoftext|>", "<|endoftext|>"]
+    masks = torch.zeros(1, len(tokens), 4, 6, dtype=torch.bool)
+    masks[0, 1, :3, :2] = True  # yellow: 6 cells
+    masks[0, 2, :3, 2:4] = True  # tri: 6 cells
+    masks[0, 3, :3, 4:] = True  # an: 6 cells
+    masks[0, 4, :3, 5] = True  # gle: 3 cells, all shared with "an" (multi-hot ties)
+    masks[0, 6, 3, :] = True  # the second <end>: the bottom row
+    return StepReport(
+        step=step,
+        timestep=900.0 - step,
+        guidance_scale=7.5,
+        token_masks=masks,
+        foreground_mask=masks.any(dim=1, keepdim=True),
+        rate_map=torch.ones(1, 1, 8, 12),
+        token_rates=torch.tensor([[0.0, 1.0, 2.0, 2.0, 4.0, 0.0, 0.5]]),
+        region_norms=torch.ones(1, len(tokens)),
+        benchmark_norm=torch.ones(1),
+        tokens=[tokens],
+    )
+
+
+def test_region_map_groups_pieces_into_words_and_specials_into_other():
+    image, legend = region_map(split_word_report(), size=(6, 4))
+    # a word's area is the union of its pieces' masks ("gle" lies inside "an"): 12 of 24 cells
+    assert [(label, share) for label, _, share in legend] == [("triangle", 0.5), ("yellow", 0.25), ("other", 0.25)]
+    assert image.getpixel((2, 0)) == image.getpixel((5, 0)) == token_colour(2)  # one colour for the whole word
+    assert image.getpixel((0, 0)) == token_colour(1) and image.getpixel((0, 3)) == OTHER_COLOUR
+    _, pieces = region_map(split_word_report(), group_words=False, show_special=True)
+    assert [label for label, _, _ in pieces] == ["yellow", "tri", "an", "<end> #6", "gle"]
+
+
+def test_group_tokens_covers_every_token_once_and_numbers_repeats():
+    tokens = ["<|startoftext|>", "a</w>", "red</w>", "cat</w>", "a</w>", "red</w>", "dog</w>", "<|endoftext|>"]
+    groups = group_tokens(tokens)
+    assert [label for label, _ in groups] == ["a #1", "red #1", "cat", "a #2", "red #2", "dog", "other"]
+    assert sorted(i for _, indices in groups for i in indices) == list(range(len(tokens)))
+    assert [label for label, _ in group_tokens(tokens, group_words=False)][:5] == [
+        "a #1",
+        "red #2",
+        "cat",
+        "a #4",
+        "red #5",
+    ]
+    # T5 (sentencepiece) and a sequence of two encoders (CLIP then T5) split at each start-of-word marker
+    assert group_tokens(["▁yel", "low", "▁tri", "angle", "</s>"]) == [
+        ("yellow", [0, 1]),
+        ("triangle", [2, 3]),
+        ("other", [4]),
+    ]
+    assert [label for label, _ in group_tokens(["tri", "<|endoftext|>", "▁tri", "angle"], show_special=True)] == [
+        "tri",
+        "<end>",
+        "triangle",
+    ]
+
+
+def test_word_rates_weight_each_piece_by_its_area():
+    rows = word_rates([split_word_report(0), split_word_report(1)])
+    assert [row[0] for row in rows] == ["triangle", "yellow", "other"]
+    _, colour, rates, area = rows[0]
+    assert colour == token_colour(2) and area == 1.0  # half the grid at each of two steps
+    assert rates == [(6 * 2.0 + 6 * 2.0 + 3 * 4.0) / 15] * 2
+    assert rows[2][2] == [0.5, 0.5]  # "other": only the second <end> owns cells
+    curves = rate_curves([split_word_report(0), split_word_report(1)], group_words=False)
+    assert curves.width > 300
+
+
 def test_figures_and_animation(tmp_path):
     reports = [fake_report(i) for i in range(5)]
     fig = step_figure(reports[0], image=Image.new("RGB", (64, 64), "white"))
@@ -57,6 +137,7 @@ def test_norm_spread_after_uses_the_applied_rate():
     report.region_norms = torch.tensor([[0.0, 1.0, 2.0, 0, 0, 0]])
     report.rate_map = torch.ones(1, 1, 16, 24)
     before = report.norm_spread()
-    assert torch.allclose(before, report.norm_spread(after=True))  # rate 1: nothing equalised
+    # rate 1: nothing equalised, exactly (each region's mean rate is a sum of ones divided by their count)
+    assert torch.equal(before, report.norm_spread(after=True))
     report.rate_map[..., :12] = 2.0  # token 1 (left half) guided twice as much: norms 2 and 2
     assert float(report.norm_spread(after=True)) == 0.0 and float(before) > 0.3

@@ -542,11 +542,52 @@ def _resolved(pipe: Any, config: SCFGConfig | None) -> SCFGConfig | None:
 
 
 def _png_info(metadata: dict[str, Any]):
+    """PNG text chunks: `parameters`, the A1111-style infotext that image browsers read (`_infotext`), and
+    `scfg`, the full `metadata` as JSON."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
-    info.add_text("parameters", json.dumps(metadata, sort_keys=True))
+    info.add_text("parameters", _infotext(metadata))
+    info.add_text("scfg", json.dumps(metadata, sort_keys=True))
     return info
+
+
+def _infotext(metadata: dict[str, Any]) -> str:
+    """`metadata` as AUTOMATIC1111's infotext: the prompt; `Negative prompt: ...` if there is one; then one line of
+    `key: value` fields (`Steps: 30, Sampler: DDIM, CFG scale: 7.5, Seed: 0, Size: 64x64, Model: ...`) followed by
+    the S-CFG settings (`S-CFG: official, S-CFG rate clamp: 0.8-3.0, ...`). Values with a comma, colon or newline
+    are JSON-quoted, as A1111 does; unknown ones (no scheduler, no size) are left out."""
+    config = metadata["scfg_config"]
+    fields: dict[str, Any] = {
+        "Steps": metadata["num_inference_steps"],
+        "Sampler": metadata["sampler"],
+        "CFG scale": metadata["guidance_scale"],
+        "Seed": metadata["seed"],
+        "Size": f"{metadata['width']}x{metadata['height']}" if metadata["width"] and metadata["height"] else None,
+        "Model": metadata["model_name"],
+        "S-CFG": "off" if config is None else config["preset_name"],
+    }
+    if metadata["guidance"] == "compare":
+        fields["S-CFG panel"] = "CFG | S-CFG | regions"
+    for name, value in (config or {}).items():
+        if name == "preset_name":
+            continue
+        if name == "rate_clamp" and value is not None:
+            value = f"{value[0]}-{value[1]}"
+        elif isinstance(value, list):
+            value = ", ".join(str(v) for v in value)
+        fields[f"S-CFG {name.replace('_', ' ')}"] = "none" if value is None else value
+    fields["S-CFG version"] = metadata["scfg_version"]
+
+    def quote(value: Any) -> str:
+        text = str(value)
+        return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+    lines = [metadata["prompt"]]
+    if metadata["negative_prompt"]:
+        lines.append(f"Negative prompt: {metadata['negative_prompt']}")
+    lines.append(", ".join(f"{key}: {quote(value)}" for key, value in fields.items() if value is not None))
+    return "\n".join(lines)
 
 
 def _generate(pipe: Any, args: argparse.Namespace, prompt: str, config: SCFGConfig | None, on_step=None):
@@ -573,20 +614,60 @@ def _generate(pipe: Any, args: argparse.Namespace, prompt: str, config: SCFGConf
         return pipe(**kwargs).images
 
 
-def _metadata(args: argparse.Namespace, prompt: str, guidance: str, config: SCFGConfig | None) -> dict[str, Any]:
+# diffusers scheduler -> the sampler name in A1111 infotext (diffusers' scheduler docs give the same mapping)
+_SAMPLERS = {
+    "DDIMScheduler": "DDIM",
+    "DDPMScheduler": "DDPM",
+    "DPMSolverMultistepScheduler": "DPM++ 2M",
+    "DPMSolverSinglestepScheduler": "DPM++ SDE",
+    "EulerDiscreteScheduler": "Euler",
+    "EulerAncestralDiscreteScheduler": "Euler a",
+    "HeunDiscreteScheduler": "Heun",
+    "LMSDiscreteScheduler": "LMS",
+    "PNDMScheduler": "PLMS",
+    "UniPCMultistepScheduler": "UniPC",
+    "DEISMultistepScheduler": "DEIS",
+}
+
+
+def _metadata(
+    args: argparse.Namespace,
+    prompt: str,
+    guidance: str,
+    config: SCFGConfig | None,
+    pipe: Any = None,
+    size: tuple[int, int] | None = None,
+) -> dict[str, Any]:
+    """What a PNG records (`_png_info`): the arguments, the resolved S-CFG config, the scheduler the pipeline ran
+    (`sampler`, A1111's name) and the generated `size` (width, height; the flags' values without it)."""
     from . import __version__
 
+    scheduler = getattr(pipe, "scheduler", None)
+    sampler = type(scheduler).__name__ if scheduler is not None else None
+    sampler = _SAMPLERS.get(sampler, sampler)
+    if sampler is not None and getattr(scheduler, "config", {}).get("use_karras_sigmas"):
+        sampler += " Karras"
+    model = args.model
+    if model is not None and model == default_model():
+        model_name = "scfg-demo"
+    elif model is not None and os.path.isdir(os.path.expanduser(model)):
+        model_name = Path(model).expanduser().resolve().name  # a local folder's name, not the user's path
+    else:
+        model_name = model  # a hub id
+    width, height = size if size is not None else (args.width, args.height)
     return {
         "prompt": prompt,
         "negative_prompt": args.negative_prompt,
         "model": args.model,
+        "model_name": model_name,
         "guidance": guidance,
         "guidance_scale": args.scale,
         "num_inference_steps": args.steps,
         "scheduler": args.scheduler,
+        "sampler": sampler,
         "seed": args.seed,
-        "height": args.height,
-        "width": args.width,
+        "height": height,
+        "width": width,
         "scfg_config": config.to_dict() if config is not None else None,
         "scfg_version": __version__,
     }
@@ -603,7 +684,7 @@ def cmd_generate(args: argparse.Namespace) -> list[Path]:
     config = _resolved(pipe, config)  # the model family's preset values, recorded in the PNG as used
     set_scheduler(pipe, args.scheduler)
     images = _generate(pipe, args, prompt, config)
-    info = _png_info(_metadata(args, prompt, args.guidance, config))
+    info = _png_info(_metadata(args, prompt, args.guidance, config, pipe, images[0].size))
     for image, path in zip(images, paths, strict=True):
         with _new_file(path, args.overwrite) as file:
             image.save(file, format="PNG", pnginfo=info)
@@ -634,7 +715,7 @@ def cmd_compare(args: argparse.Namespace) -> list[Path]:
     recorder = Recorder(max_steps=None if args.show_regions else 1)
     scfg_images = _generate(pipe, args, prompt, config, on_step=recorder)
     last = recorder.steps[-1] if recorder.steps else None
-    info = _png_info(_metadata(args, prompt, "compare", config))
+    info = _png_info(_metadata(args, prompt, "compare", config, pipe, cfg_images[0].size))
     for i, path in enumerate(paths):
         panel = compare_panel(cfg_images[i], scfg_images[i], last, i, args.scale)
         with _new_file(path, args.overwrite) as file:
