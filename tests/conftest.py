@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import string
+import threading
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before diffusers/transformers are imported
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -33,13 +34,16 @@ def float64_causal_mask():
 
     original = AttentionMaskConverter._make_causal_mask
 
+    lock = threading.Lock()  # the default dtype is process-wide: threads (test_reliability) must not interleave
+
     def make_causal_mask(input_ids_shape, dtype, *args, **kwargs):
-        previous = torch.get_default_dtype()
-        torch.set_default_dtype(torch.float64 if dtype == torch.float64 else previous)
-        try:
-            return original(input_ids_shape, dtype, *args, **kwargs)
-        finally:
-            torch.set_default_dtype(previous)
+        with lock:
+            previous = torch.get_default_dtype()
+            torch.set_default_dtype(torch.float64 if dtype == torch.float64 else previous)
+            try:
+                return original(input_ids_shape, dtype, *args, **kwargs)
+            finally:
+                torch.set_default_dtype(previous)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(AttentionMaskConverter, "_make_causal_mask", staticmethod(make_causal_mask))
