@@ -3,10 +3,12 @@
     python benchmarks/overhead.py --model sd15 --reps 5            # SD 1.5 UNet at 512x512, float32 CPU
     python benchmarks/overhead.py --model sdxl --reps 3            # SDXL UNet at 1024x1024
     python benchmarks/overhead.py --model pixart-sigma --size 512  # PixArt-Sigma, SD3-medium: --model sd3
+    python benchmarks/overhead.py --model flux --size 512 --flux-blocks 2  # FLUX.1 true CFG, cut to 2 + 4 blocks
     python benchmarks/overhead.py --model sd15 --device cuda --dtype float16
 
 Methods, interleaved A B C A B C ... after a warm-up, median over `--reps` steps each:
-- `cfg`: the UNet on the CFG batch [uncond, cond] plus the CFG line;
+- `cfg`: the denoiser on the CFG batch [uncond, cond] (or, for FLUX's true CFG, a cond pass then an uncond pass)
+  plus the CFG line;
 - `scfg`: the same with `scfg.enable` (hooks on the used layers only, SDPA kept);
 - `scfg-all-layers`: `scfg.SCFGConfig()` as it is, without the family's preset overrides (SDXL: all 60 latent/4
   layers instead of the last of each stack);
@@ -78,6 +80,18 @@ PIXART_SIGMA = dict(  # PixArt-alpha/PixArt-Sigma-XL-2-1024-MS transformer/confi
     interpolation_scale=2,
     use_additional_conditions=False,
 )
+FLUX_DEV = dict(  # black-forest-labs/FLUX.1-dev transformer/config.json, 19 + 38 blocks cut to --flux-blocks
+    patch_size=1,
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    pooled_projection_dim=768,
+    guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+)
 SD3_MEDIUM = dict(  # stabilityai/stable-diffusion-3-medium-diffusers transformer/config.json
     sample_size=128,
     patch_size=2,
@@ -104,6 +118,7 @@ class Model:
     inputs: Callable[[int, torch.device, torch.dtype], dict]
     holder: tuple[str, ...]
     naive: bool  # prior art exists (UNets): measure the naive approach too
+    passes: str = "batched"  # how its pipeline runs CFG: one [uncond, cond] batch, or "separate" cond/uncond passes
 
 
 def _unet(config):
@@ -162,6 +177,39 @@ def _sd3_inputs(latent, device, dtype):
     )
 
 
+def _flux(config):
+    def build():
+        from diffusers import FluxTransformer2DModel
+
+        # The whole 12B model does not fit in 24 GiB in float32: the blocks are cut to --flux-blocks k double- and
+        # 2k single-stream ones, every width, head count and the 512-token text kept. S-CFG's extra work is per
+        # captured double-stream block (the middle half: 11 of the full 19, all k here) and the step's cost per
+        # block (a single-stream block costs about half a double one), so (time ratio - 1) transfers to the full
+        # model multiplied by (11 / k) / (38 / 2k) = 0.58 at k = 2.
+        blocks = int(_FLUX_BLOCKS[0])
+        return FluxTransformer2DModel(**{**config, "num_layers": blocks, "num_single_layers": 2 * blocks})
+
+    return build
+
+
+_FLUX_BLOCKS = [2]
+
+
+def _flux_inputs(latent, device, dtype):
+    tokens = (latent // 2) ** 2
+    rows, cols = torch.meshgrid(torch.arange(latent // 2), torch.arange(latent // 2), indexing="ij")
+    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).to(device, dtype)
+    return dict(
+        hidden_states=torch.randn(1, tokens, 64, device=device, dtype=dtype),
+        encoder_hidden_states=torch.randn(1, 512, 4096, device=device, dtype=dtype),
+        pooled_projections=torch.randn(1, 768, device=device, dtype=dtype),
+        timestep=torch.tensor([0.5], device=device, dtype=dtype),
+        guidance=torch.tensor([3.5], device=device, dtype=dtype),
+        img_ids=img_ids,
+        txt_ids=torch.zeros(512, 3, device=device, dtype=dtype),
+    )
+
+
 MODELS = {
     "sd15": Model("SD 1.5 UNet", 512, _unet(SD15_UNET), _sd15_inputs, ("unet",), True),
     "sdxl": Model("SDXL UNet", 1024, _unet(SDXL_UNET), _sdxl_inputs, ("unet", "text_encoder_2"), True),
@@ -173,6 +221,7 @@ MODELS = {
         ("transformer",),
         False,
     ),
+    "flux": Model("FLUX.1-dev (true CFG)", 1024, _flux(FLUX_DEV), _flux_inputs, ("transformer",), False, "separate"),
     "sd3": Model(
         "SD3-medium MMDiT",
         1024,
@@ -230,6 +279,7 @@ class Bench:
     denoiser: nn.Module
     inputs: dict
     device: str
+    uncond_text: torch.Tensor | None = None  # the negative prompt's states, for separate-pass models
 
     def forward(self, **overrides):
         return self.denoiser(**{**self.inputs, **overrides}).sample
@@ -244,44 +294,61 @@ def cfg_line(pred, g=7.5):
     return u[:, : c.shape[1]] + g * (c - u)
 
 
+def denoise(bench: Bench, g=7.5, **overrides):
+    """One step's denoiser work and CFG line, as the model's pipeline runs it: one [uncond, cond] batch, or a cond
+    pass then an uncond pass (FLUX's true CFG)."""
+    if bench.model.passes == "separate":
+        cond = bench.forward(**overrides)
+        uncond = bench.forward(**{"encoder_hidden_states": bench.uncond_text, **overrides})
+        return uncond + g * (cond - uncond)
+    return cfg_line(bench.forward(**overrides), g)
+
+
+def enabled(bench: Bench, g=7.5, config=None, timesteps=(500,)):
+    """`scfg.enable` on a holder of the denoiser, with the CFG layout its pipeline uses."""
+    import scfg
+    from scfg.engine import CFGLayout
+
+    layout = CFGLayout("separate", ("cond", "uncond"), "uncond", g) if bench.model.passes == "separate" else None
+    return scfg.enable(fake_pipe(bench.model, bench.denoiser, g, timesteps), config, layout=layout)
+
+
 def cfg_step(bench: Bench, g=7.5):
-    return cfg_line(bench.forward(), g)
+    return denoise(bench, g)
 
 
 def scfg_step(bench: Bench, g=7.5):
-    import scfg
-
-    with scfg.enable(fake_pipe(bench.model, bench.denoiser, g)):
-        return cfg_line(bench.forward(), g)
+    with enabled(bench, g):
+        return denoise(bench, g)
 
 
 def scfg_all_layers_step(bench: Bench, g=7.5):
     """S-CFG with an `SCFGConfig` object as it is (no family preset overrides): e.g. all 60 SDXL latent/4 layers."""
     import scfg
 
-    with scfg.enable(fake_pipe(bench.model, bench.denoiser, g), scfg.SCFGConfig()):
-        return cfg_line(bench.forward(), g)
+    with enabled(bench, g, scfg.SCFGConfig()):
+        return denoise(bench, g)
 
 
 def scfg_reuse_step(bench: Bench, g=7.5):
     """One step that reuses the previous step's regions (`mask_interval=2`); times only that step."""
     import scfg
 
-    t = bench.inputs["timestep"]
-    with scfg.enable(fake_pipe(bench.model, bench.denoiser, g, (500, 499)), scfg.SCFGConfig(mask_interval=2)):
-        bench.forward()  # step 0 (t=500) computes the regions
+    t = bench.inputs["timestep"]  # 500, or FLUX's 0.5 (its family reads t * 1000)
+    with enabled(bench, g, scfg.SCFGConfig(mask_interval=2), (500, 499)):
+        denoise(bench, g)  # step 0 (t = 500) computes the regions
         sync(bench.device)
         t0 = time.perf_counter()
-        cfg_line(bench.forward(timestep=torch.full_like(t, 499)), g)
+        denoise(bench, g, timestep=(t * 499 / 500).to(t.dtype) if t.is_floating_point() else torch.full_like(t, 499))
         sync(bench.device)
         return time.perf_counter() - t0
 
 
 def naive_step(bench: Bench, g=7.5):
+    """Prior art's capture (every processor replaced, every map kept), then the same engine as `scfg.enable`."""
     from scfg.capture import grid_for, level_grid
+    from scfg.engine import CFGLayout, MapAccumulator, guided_prediction, step_regions
     from scfg.families import family_for
-    from scfg.rule import semantic_guidance
-    from scfg.segment import assign_regions, average_layer_maps, foreground_mask
 
     unet, x = bench.denoiser, bench.latent()
     family = family_for(fake_pipe(bench.model, unet))
@@ -291,16 +358,16 @@ def naive_step(bench: Bench, g=7.5):
     unet.set_attn_processor({n: NaiveProcessor(n[: -len(".processor")], store, keep) for n in originals})
     try:
         pred = bench.forward()
-        hw = tuple(x.shape[-2:])
-        layers = []
+        grid = tuple(x.shape[-2:])
+        accumulator = MapAccumulator(level_grid(grid, min(family.default_levels)))
         for pair in family.layer_pairs(unet):
             if pair.level in family.default_levels:
-                cross, self_probs = family.layer_inputs(pair, store)
-                layers.append((cross, self_probs, grid_for(cross.shape[1], hw)))
-        token, fg = average_layer_maps(layers, level_grid(hw, min(family.default_levels)))
+                cross = store[pair.cross]
+                accumulator.add(cross, store.get(pair.self_attn), grid_for(cross.shape[1], grid))
+        layout = CFGLayout("batched", ("uncond", "cond"), "uncond", g)
+        regions = step_regions(accumulator.result().split(layout))
         u, c = pred.chunk(2)
-        masks = assign_regions(token.chunk(2)[1])
-        return semantic_guidance(u, c, masks, foreground_mask(fg.chunk(2)[0]), g).guided
+        return guided_prediction(u, c, regions, layout).guided
     finally:
         unet.set_attn_processor(dict(originals))
 
@@ -329,50 +396,28 @@ def time_one(method: str, bench: Bench) -> float:
 
 
 def breakdown(bench: Bench):
-    """Seconds spent in capture, segmentation and the rate rule during one S-CFG step."""
-    import scfg.capture
-    import scfg.integration.pipeline as integ
+    """Seconds spent in capture, segmentation and the rate rule during one S-CFG step, from the engine's own
+    `torch.profiler.record_function` labels (`scfg.capture`, `scfg.segmentation`, `scfg.rate`); the profiler's
+    own cost inflates the step a little, so the shares are of the profiled step."""
+    from torch.profiler import ProfilerActivity, profile
 
-    spent = {"capture": 0.0, "segmentation": 0.0, "rate": 0.0}
-
-    def timed(fn, key):
-        def wrapper(*args, **kwargs):
-            sync(bench.device)
-            t0 = time.perf_counter()
-            out = fn(*args, **kwargs)
-            sync(bench.device)
-            spent[key] += time.perf_counter() - t0
-            return out
-
-        return wrapper
-
-    def timed_hook(factory):  # capture runs in the per-layer hooks (before the layer, and after it)
-        return lambda capture, name: timed(factory(capture, name), "capture")
-
-    names = {
-        (scfg.capture.AttentionCapture, "_hook_for"): None,
-        (scfg.capture.AttentionCapture, "_after_hook"): None,
-        (integ, "average_layer_maps"): "segmentation",
-        (integ, "assign_regions"): "segmentation",
-        (integ, "foreground_mask"): "segmentation",
-        (integ, "semantic_guidance"): "rate",
-    }
-    saved = {key: getattr(*key) for key in names}
-    for (module, name), part in names.items():
-        original = saved[(module, name)]
-        setattr(module, name, timed_hook(original) if part is None else timed(original, part))
-    try:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bench.device.startswith("cuda") else [])
+    with profile(activities=activities) as prof:
         total = time_one("scfg", bench)
-    finally:
-        for (module, name), fn in saved.items():
-            setattr(module, name, fn)
+    spent = {"capture": 0.0, "segmentation": 0.0, "rate": 0.0}
+    for event in prof.key_averages():
+        part = event.key.removeprefix("scfg.")
+        if event.key.startswith("scfg.") and part in spent:
+            device_time = getattr(event, "device_time_total", 0.0) if bench.device.startswith("cuda") else 0.0
+            spent[part] += max(event.cpu_time_total, device_time) / 1e6
     return spent, total
 
 
 def peak_memory(args, method):
     """Peak memory of one step of `method`, in a fresh process."""
     command = [sys.executable, __file__, "--model", args.model, "--size", str(args.size), "--device", args.device]
-    command += ["--dtype", args.dtype, "--threads", str(args.threads), "--_memory", method]
+    command += ["--dtype", args.dtype, "--threads", str(args.threads), "--flux-blocks", str(args.flux_blocks)]
+    command += ["--_memory", method]
     out = subprocess.run(command, capture_output=True, text=True)
     if out.returncode != 0:  # e.g. SIGKILL from the kernel's out-of-memory killer
         reason = "killed: out of memory?" if out.returncode in (-9, 137) else f"exit code {out.returncode}"
@@ -413,8 +458,10 @@ def memory_child(args):
 
 def make_bench(args) -> Bench:
     model = MODELS[args.model]
+    _FLUX_BLOCKS[0] = args.flux_blocks
     denoiser, inputs = build(model, args.size, args.device, getattr(torch, args.dtype))
-    return Bench(model, denoiser, inputs, args.device)
+    uncond = torch.randn_like(inputs["encoder_hidden_states"]) if model.passes == "separate" else None
+    return Bench(model, denoiser, inputs, args.device, uncond)
 
 
 def main():
@@ -426,6 +473,7 @@ def main():
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per method before timing")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--flux-blocks", type=int, default=2, help="FLUX: k double- and 2k single-stream blocks")
     parser.add_argument("--methods", nargs="+", default=None, help="default: cfg scfg scfg-reuse (+ naive for UNets)")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--memory-methods", nargs="+", default=None, help="methods whose peak memory is measured")
@@ -460,8 +508,8 @@ def main():
     measured = [m for m in args.methods if args.memory_methods is None or m in args.memory_methods]
     memory = {} if args.no_memory else {m: peak_memory(args, m) for m in measured}
     print(
-        f"{model.name} ({params:.0f}M parameters, random weights) at {args.size}x{args.size}, batch 2 "
-        f"(uncond+cond), {args.device} {args.dtype}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"{model.name} ({params:.0f}M parameters, random weights) at {args.size}x{args.size}, "
+        f"{'cond + uncond passes' if model.passes == 'separate' else 'batch 2 (uncond+cond)'}, {args.device} {args.dtype}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
         f"{platform.processor() or platform.machine()}; medians of {args.reps} interleaved steps after "
         f"{args.warmup} warm-up"
     )

@@ -545,3 +545,76 @@ def tiny_sd3_path(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-sd3")
     build_tiny_sd3(str(folder))
     return folder
+
+
+def build_tiny_flux(folder) -> None:
+    """Save a tiny FluxPipeline: 2 double-stream and 2 single-stream blocks, a CLIP and a T5 encoder.
+
+    FLUX packs 2x2 latent patches into one token, so the transformer's `in_channels` is 4 x the VAE's latent
+    channels; with the 2-block VAE (downsampling by 2) the image size must be a multiple of 4, and a 32x48 image is
+    an 8x12 token grid. The rotary axes (4 + 4 + 8) add up to the head dimension, 16.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTokenizer,
+        T5Config,
+        T5EncoderModel,
+        T5TokenizerFast,  # 5.x: `T5TokenizerFast is T5Tokenizer`; 4.x: the one that loads from tokenizer.json
+    )
+
+    write_tokenizer(os.path.join(folder, "clip_src"))
+    write_t5_tokenizer(os.path.join(folder, "t5_src"))
+    clip_tok = CLIPTokenizer.from_pretrained(os.path.join(folder, "clip_src"))
+    t5_tok = T5TokenizerFast.from_pretrained(os.path.join(folder, "t5_src"))
+    clip_config = tiny_clip_text_config(clip_tok)
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,  # T5's d_model
+        pooled_projection_dim=clip_config["hidden_size"],  # CLIPTextModel's pooled output
+        axes_dims_rope=[4, 4, 8],
+    )
+    # The QK RMS norms undo any scaling of `to_q`/`to_k`; scaling the norms' weights sharpens the logits instead.
+    sharpen_attention(transformer, ("norm_q.weight", "norm_added_q.weight"))
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**clip_config))
+    torch.manual_seed(0)
+    text_encoder_2 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(t5_tok),
+            d_model=32,
+            d_ff=32,
+            num_layers=2,
+            num_heads=2,
+            d_kv=8,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        )
+    )
+    # FLUX's VAE has no quant convs and is shifted and scaled before decoding (the real one: 0.1159 and 0.3611)
+    vae = tiny_vae(use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159, scaling_factor=0.3611)
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tok,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=t5_tok,
+        transformer=transformer,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_path(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-flux")
+    build_tiny_flux(str(folder))
+    return folder

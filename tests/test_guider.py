@@ -98,8 +98,8 @@ def test_guider_reuses_regions_like_the_stock_integration(tiny_sd, monkeypatch):
             expected.append(u + 5.0 * (c - u))
 
     calls = []
-    original = scfg.capture.probs_from_projections
-    monkeypatch.setattr("scfg.capture.probs_from_projections", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = scfg.capture.rows_from_projections
+    monkeypatch.setattr("scfg.capture.rows_from_projections", lambda *a, **k: calls.append(1) or original(*a, **k))
     guider = SemanticGuider(guidance_scale=5.0, scfg_config=config.to_dict())
     guider.on_step = guider_recorder = scfg.Recorder()
     captured_per_step = []

@@ -8,20 +8,20 @@ from test_pipeline_sd import latents_for, run
 
 import scfg
 import scfg.capture
-import scfg.integration.pipeline as integ
+import scfg.engine as integ
 from scfg import SCFGConfig, SCFGError
 
 
 def count_captures(monkeypatch):
     """Count the denoiser passes that computed attention maps (one call per used layer per pass)."""
     calls = []
-    original = scfg.capture.probs_from_projections
+    original = scfg.capture.rows_from_projections
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr("scfg.capture.probs_from_projections", counting)
+    monkeypatch.setattr("scfg.capture.rows_from_projections", counting)
     return calls
 
 

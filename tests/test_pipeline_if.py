@@ -9,8 +9,9 @@ from diffusers.models.attention_processor import Attention
 
 import scfg
 from scfg import SCFGConfig
+from scfg.capture import LayerCall
 from scfg.families import LayerPair
-from scfg.families.deepfloyd_if import FAMILY, joint_added_kv_probs
+from scfg.families.deepfloyd_if import FAMILY, joint_added_kv_attention, joint_added_kv_probs
 
 
 def load(cls, path):
@@ -47,7 +48,9 @@ def test_joint_probs_split_into_cross_and_self_by_hand():
     # the capture's float32 softmax against the by-hand one over the same q and k: tests/bounds.py
     torch.testing.assert_close(joint, expected, rtol=softmax_rtol(q, k, 0.5), atol=torch.finfo(torch.float32).tiny)
 
-    cross, self_part = FAMILY.layer_inputs(LayerPair("a", "a", 4), {"a": joint})
+    rows = joint_added_kv_attention(attn, LayerCall((hidden, text, None), {}))
+    cross, self_rows = FAMILY.layer_attention(LayerPair("a", "a", 4), {"a": rows}, None)
+    self_part = self_rows.dense()
     assert cross.shape == (2, 12, 5) and self_part.shape == (2, 12, 12)
     # the split is a slice: the text columns first, bit for bit
     assert torch.equal(cross, joint[..., :5]) and torch.equal(self_part, joint[..., 5:])

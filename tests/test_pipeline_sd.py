@@ -120,7 +120,7 @@ def test_restores_pipeline_after_exception_in_callback(tiny_sd):
     with pytest.raises(RuntimeError, match="boom"), guard:
         run(tiny_sd, "a cat", latents_for(1), callback_on_step_end=explode)
     assert_restored(tiny_sd, before)
-    assert guard._capture.current is None
+    assert not guard.recording
     # the pipeline still works, unpatched
     run(tiny_sd, "a cat", latents_for(1))
 
@@ -129,7 +129,7 @@ def test_guidance_scale_one_captures_nothing(tiny_sd, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("attention maps computed without CFG")
 
-    monkeypatch.setattr("scfg.capture.probs_from_projections", forbidden)
+    monkeypatch.setattr("scfg.capture.rows_from_projections", forbidden)
     recorder = scfg.Recorder()
     latents = latents_for(1)
     plain = run(tiny_sd, "a cat", latents, guidance_scale=1.0)

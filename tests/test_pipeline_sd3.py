@@ -11,8 +11,9 @@ from packaging.version import Version
 
 import scfg
 from scfg import SCFGConfig
+from scfg.capture import LayerCall
 from scfg.families import LayerPair
-from scfg.families.sd3_mmdit import FAMILY, joint_image_query_probs
+from scfg.families.sd3_mmdit import FAMILY, joint_image_query_attention, joint_image_query_probs
 
 KW = dict(num_inference_steps=3, output_type="latent", max_sequence_length=16)
 
@@ -39,7 +40,9 @@ def test_joint_attention_split_by_hand(tiny_sd3_path):
     eps, tiny = torch.finfo(torch.float32).eps, torch.finfo(torch.float32).tiny
     rtol = softmax_rtol(q, k, 8**-0.5)
     torch.testing.assert_close(joint, expected, rtol=rtol, atol=tiny)
-    cross, self_part = FAMILY.layer_inputs(LayerPair("x", "x", 2), {"x": joint})
+    rows = joint_image_query_attention(attn, LayerCall((image, text, None), {}))
+    cross, self_rows = FAMILY.layer_attention(LayerPair("x", "x", 2), {"x": rows}, None)
+    self_part = self_rows.dense()
     # renormalising the 5 text columns on both sides: numerator and denominator each off by rtol, the 5-term sum
     # and the division add 5 roundings per side
     text = expected[..., 12:]

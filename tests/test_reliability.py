@@ -176,12 +176,12 @@ def test_half_precision_gives_finite_images(tiny_sd_path, dtype):
 def test_non_finite_maps_fall_back_to_cfg_with_warning(tiny_sd, monkeypatch, caplog):
     import scfg.capture
 
-    original = scfg.capture.probs_from_projections
+    original = scfg.capture.rows_from_projections
 
-    def overflowing(*args, **kwargs):
-        return original(*args, **kwargs) * float("inf")  # what an fp16 logit overflow would leave
+    def overflowing(attn, query, key, *args, **kwargs):
+        return original(attn, query * float("inf"), key, *args, **kwargs)  # what an fp16 logit overflow would leave
 
-    monkeypatch.setattr(scfg.capture, "probs_from_projections", overflowing)
+    monkeypatch.setattr(scfg.capture, "rows_from_projections", overflowing)
     x = latents(1)
     kwargs = dict(height=64, width=96, num_inference_steps=2, output_type="latent")
     plain = tiny_sd("a cat", latents=x.clone(), **kwargs).images

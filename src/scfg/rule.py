@@ -1,7 +1,9 @@
 """The per-region guidance rule (docs/algorithm.md section 2, steps 5-8).
 
 Pure tensor functions: no diffusers, no transformers, no state. `score = pred_cond - pred_uncond` is the classifier
-score η; `rate` is the per-pixel multiplier of the guidance scale `g`.
+score η; `rate` is the per-pixel multiplier of the guidance scale `g`. Predictions are `[B, C, *grid]` and masks
+`[B, T, *grid]` for a grid `(H, W)` or `(F, H, W)` (video); a region of a video is spatio-temporal, one rate per token
+for the whole clip.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ class GuidanceResult:
     """What one S-CFG step computed.
 
     Attributes:
-        guided: `[B, C, H, W]` `pred_uncond + g * rate * score`, in the dtype of the predictions.
-        rate_map: `[B, 1, H, W]` float32 final per-pixel rate (after clamps, cap and smoothing).
+        guided: `[B, C, *grid]` `pred_uncond + g * rate * score`, in the dtype of the predictions.
+        rate_map: `[B, 1, *grid]` float32 final per-pixel rate (after clamps, cap and smoothing).
         token_rates: `[B, T]` float32 per-region rates before the clamps (0 for empty regions).
         region_norms: `[B, T]` float32 mean score norm inside each region (0 for empty regions).
         benchmark_norm: `[B]` float32 mean score norm inside the benchmark region.
@@ -35,10 +37,19 @@ class GuidanceResult:
     benchmark_norm: torch.Tensor
 
 
+def _grid_axes(rank: int) -> str:
+    """einsum letters of a grid of `rank` axes: `"hw"` for an image, `"fhw"` for a video (frames first)."""
+    if rank not in (2, 3):
+        raise ValueError(f"Expected a grid of rank 2 (H, W) or 3 (F, H, W), but got rank {rank}.")
+    return "fhw"[-rank:]
+
+
 def _masked_mean(values: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-    """Mean of `values` `[B, H, W]` inside each mask `[B, K, H, W]`; 0 for empty masks. Returns `[B, K]`."""
-    total = torch.einsum("bkhw,bhw->bk", masks, values)
-    count = masks.sum(dim=(2, 3))
+    """Mean of `values` `[B, *grid]` inside each mask `[B, K, *grid]`, over all its cells (all frames of a video);
+    0 for empty masks. Returns `[B, K]`."""
+    axes = _grid_axes(values.ndim - 1)
+    total = torch.einsum(f"bk{axes},b{axes}->bk", masks, values)
+    count = masks.sum(dim=tuple(range(2, masks.ndim)))
     return torch.where(count > 0, total / count.clamp_min(1), torch.zeros_like(total))
 
 
@@ -50,13 +61,13 @@ def region_rates(
     """Return each region's rate `mean_{benchmark} n / mean_{region} n` (step 6; the paper's `g_i / g`).
 
     Args:
-        score_norm (`torch.Tensor`): `[B, H, W]` per-pixel L2 norm of the score over latent channels.
-        token_masks (`torch.Tensor`): `[B, T, H, W]` 0/1 region masks at the latent grid.
-        benchmark_mask (`torch.Tensor`): `[B, 1, H, W]` 0/1 benchmark region (the foreground).
+        score_norm (`torch.Tensor`): `[B, *grid]` per-pixel L2 norm of the score over latent channels.
+        token_masks (`torch.Tensor`): `[B, T, *grid]` 0/1 region masks at the latent grid.
+        benchmark_mask (`torch.Tensor`): `[B, 1, *grid]` 0/1 benchmark region (the foreground).
 
     Returns:
         rates `[B, T]` (0 for an empty region, and 0 everywhere for an empty benchmark), region norms `[B, T]`,
-        benchmark norm `[B]`.
+        benchmark norm `[B]`. On a video grid each norm is the mean over the region's cells in all frames.
 
     >>> n = torch.tensor([[[1.0, 3.0]]]); m = torch.tensor([[[[1.0, 0.0]], [[0.0, 1.0]]]])
     >>> region_rates(n, m, torch.ones(1, 1, 1, 2))[0]
@@ -75,7 +86,7 @@ def finish_rate_map(
     max_effective_scale: float | None = 15.0,
     smoothing: float | None = 0.5,
 ) -> torch.Tensor:
-    """Clamp, cap and smooth a `[B, 1, H, W]` rate map (step 7).
+    """Clamp, cap and smooth a `[B, 1, *grid]` rate map (step 7; smoothing is spatial, frame by frame).
 
     The cap `rate <= max_effective_scale / g` comes after the clamp, so for `g > 15 / 0.8 = 18.75` the rate is the
     constant `15 / g` everywhere.
@@ -96,7 +107,8 @@ def apply_token_scales(
     token_scales: torch.Tensor,
     mode: Literal["multiply", "replace"] = "multiply",
 ) -> torch.Tensor:
-    """Apply user multipliers `token_scales` `[B, T]` (NaN: not set) to the regions of those tokens.
+    """Apply user multipliers `token_scales` `[B, T]` (NaN: not set) to the regions `[B, T, *grid]` of a rate map
+    `[B, 1, *grid]`.
 
     `"multiply"` multiplies the rate inside each scaled region; `"replace"` sets it to the scale (the effective
     scale there is then `g * scale`). A pixel shared by several scaled regions takes their mean.
@@ -107,8 +119,9 @@ def apply_token_scales(
     """
     is_set = ~torch.isnan(token_scales)
     value = torch.where(is_set, token_scales, 0.0).to(rate.dtype)
-    owners = torch.einsum("bt,bthw->bhw", is_set.to(rate.dtype), token_masks)[:, None]
-    mean_scale = torch.einsum("bt,bthw->bhw", value, token_masks)[:, None] / owners.clamp_min(1)
+    axes = _grid_axes(token_masks.ndim - 2)
+    owners = torch.einsum(f"bt,bt{axes}->b{axes}", is_set.to(rate.dtype), token_masks)[:, None]
+    mean_scale = torch.einsum(f"bt,bt{axes}->b{axes}", value, token_masks)[:, None] / owners.clamp_min(1)
     if mode == "replace":
         return torch.where(owners > 0, mean_scale, rate)
     return torch.where(owners > 0, rate * mean_scale, rate)
@@ -132,11 +145,11 @@ def semantic_guidance(
     """Apply per-region guidance scales: `pred_uncond + g * rate * (pred_cond - pred_uncond)` (steps 5-8).
 
     Args:
-        pred_uncond (`torch.Tensor`): `[B, C, H, W]` unconditional prediction (ε, v or flow velocity alike: rates
-            are ratios of norms of the same difference).
-        pred_cond (`torch.Tensor`): `[B, C, H, W]` conditional prediction.
-        token_masks (`torch.Tensor`): `[B, T, h, w]` 0/1 region masks on the mask grid.
-        foreground_mask (`torch.Tensor`): `[B, 1, h, w]` 0/1 foreground on the mask grid.
+        pred_uncond (`torch.Tensor`): `[B, C, *grid]` unconditional prediction, `grid` `(H, W)` or `(F, H, W)` (ε, v
+            or flow velocity alike: rates are ratios of norms of the same difference).
+        pred_cond (`torch.Tensor`): `[B, C, *grid]` conditional prediction.
+        token_masks (`torch.Tensor`): `[B, T, *mask_grid]` 0/1 region masks on the mask grid, of the same rank.
+        foreground_mask (`torch.Tensor`): `[B, 1, *mask_grid]` 0/1 foreground on the mask grid.
         guidance_scale (`float`): `g`.
         benchmark (`str`): `"foreground"` (the paper) or `"mean"` (whole image, "S-CFG-mean").
         rate_clamp, max_effective_scale, smoothing: see `finish_rate_map`.
@@ -155,19 +168,20 @@ def semantic_guidance(
     >>> torch.allclose(semantic_guidance(u, c, m, m[:, :1], 5.0).guided, u + 5.0 * (c - u))
     True
     """
-    size = pred_cond.shape[-2:]
+    size = pred_cond.shape[2:]
     # Everything below runs in float32 at least, whatever the model's dtype (float64 stays float64).
     dtype = torch.promote_types(pred_cond.dtype, torch.float32)
-    # 5. masks to the latent grid.
+    # 5. masks to the latent grid (nearest, every axis).
     token_masks = upsample_masks(token_masks.to(dtype), size)
     foreground_mask = upsample_masks(foreground_mask.to(dtype), size)
-    # 6. per-region rates from per-pixel score norms.
+    # 6. per-region rates from per-pixel score norms; a video's region spans all its frames.
     pred_uncond_hi = pred_uncond.to(dtype)
     score = pred_cond.to(dtype) - pred_uncond_hi
     score_norm = torch.linalg.vector_norm(score, dim=1)
     bench_mask = torch.ones_like(foreground_mask) if benchmark == "mean" else foreground_mask
     rates, region_norms, bench_norm = region_rates(score_norm, token_masks, bench_mask)
-    rate = torch.einsum("bt,bthw->bhw", rates, token_masks)[:, None]
+    axes = _grid_axes(token_masks.ndim - 2)
+    rate = torch.einsum(f"bt,bt{axes}->b{axes}", rates, token_masks)[:, None]
     # 7. clamp, cap, (user's per-word scales), smooth.
     rate = finish_rate_map(rate, guidance_scale, rate_clamp, max_effective_scale, None)
     if token_scales is not None:

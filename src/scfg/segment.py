@@ -1,17 +1,23 @@
 """Training-free semantic segmentation from attention maps (docs/algorithm.md section 2, steps 1-5).
 
 Pure tensor functions: no diffusers, no transformers, no state. Shapes use `B` (batch), `Q` (image queries of one
-attention grid, `h * w`), `T` (text tokens), `(h, w)` (the mask grid).
+attention grid, the product of the grid), `T` (text tokens) and `*grid` for a token grid of any rank: `(h, w)` for
+an image, `(f, h, w)` for a video latent, whose frames are images. Spatial operations (interpolation, smoothing, the
+per-map normalisations) act on the last two axes, frame by frame.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .attention import AttentionRows
 
 __all__ = [
     "assign_regions",
@@ -29,7 +35,7 @@ _EPS = 1e-8
 
 def complete_cross_attention(
     cross_probs: torch.Tensor,
-    self_probs: torch.Tensor | None,
+    self_probs: torch.Tensor | AttentionRows | None,
     completion: Literal["official", "power_mean", "none"] = "official",
     order: int = 4,
 ) -> torch.Tensor:
@@ -37,11 +43,12 @@ def complete_cross_attention(
 
     `"official"` uses `S' = (S + 3 S²) / 4`, what the released code computes (it meant the mean of `S¹..S⁴`);
     `"power_mean"` uses `S' = (1/R) Σ_{r=1..R} Sʳ` (the paper's text); `"none"` returns `C`. Rows of `S'` still sum
-    to 1. `S'` is never formed: `Sʳ C` is built as `S (S^{r-1} C)`, which costs `Q² T` instead of `Q³`.
+    to 1. `S'` is never formed: `Sʳ C` is built as `S (S^{r-1} C)`, which costs `Q² T` instead of `Q³`, and only
+    needs products `S X` with `X` `[B, Q, T]`; an `AttentionRows` forms them in row chunks within its memory budget.
 
     Args:
         cross_probs (`torch.Tensor`): `[B, Q, T]` cross-attention probabilities (image queries to text tokens).
-        self_probs (`torch.Tensor`): `[B, Q, Q]` self-attention probabilities of the same grid.
+        self_probs (`torch.Tensor` or `AttentionRows`): `[B, Q, Q]` self-attention probabilities of the same grid.
         completion (`str`, defaults to `"official"`): which completion.
         order (`int`, defaults to `4`): `R` of the power mean.
 
@@ -54,12 +61,17 @@ def complete_cross_attention(
     """
     if completion == "none" or self_probs is None:
         return cross_probs
-    first = torch.bmm(self_probs, cross_probs)
+    if isinstance(self_probs, torch.Tensor):
+        product = functools.partial(torch.bmm, self_probs)
+    else:
+        product = self_probs.matmul
     if completion == "official":
-        return (first + 3 * torch.bmm(self_probs, first)) / 4
-    total, power = first, first
+        first = product(cross_probs)
+        return (first + 3 * product(first)) / 4
+    # `total` and `power` are the only [B, Q, T] products kept alive (what `peak_extra_bytes` counts).
+    total = power = product(cross_probs)
     for _ in range(order - 1):
-        power = torch.bmm(self_probs, power)
+        power = product(power)
         total = total + power
     return total / order
 
@@ -79,7 +91,8 @@ def gaussian_kernel(sigma: float, size: int = 3, dtype: torch.dtype = torch.floa
 
 
 def smooth(maps: torch.Tensor, sigma: float | None, size: int = 3) -> torch.Tensor:
-    """Smooth every channel of `maps` `[B, C, h, w]` with a separable Gaussian, reflect padding (steps 2c and 7).
+    """Smooth every channel of `maps` `[B, C, *grid]` with a separable Gaussian over the last two (spatial) axes,
+    reflect padding (steps 2c and 7). Leading grid axes (video frames) are smoothed independently.
 
     A grid dimension of size 1 cannot be reflected; it is padded by replication, which is what reflection of a
     1-wide grid would mean.
@@ -92,21 +105,22 @@ def smooth(maps: torch.Tensor, sigma: float | None, size: int = 3) -> torch.Tens
         return maps
     dtype = maps.dtype
     x = maps.to(torch.promote_types(dtype, torch.float32))
-    b, c, h, w = x.shape
+    shape = x.shape
+    h, w = shape[-2:]
     kernel = gaussian_kernel(sigma, size, x.dtype).to(x.device)
     pad = size // 2
-    x = x.reshape(b * c, 1, h, w)
+    x = x.reshape(math.prod(shape[:-2]), 1, h, w)
     x = F.pad(x, (pad, pad, 0, 0), mode="reflect" if w > pad else "replicate")
     x = F.conv2d(x, kernel.view(1, 1, 1, size))
     x = F.pad(x, (0, 0, pad, pad), mode="reflect" if h > pad else "replicate")
     x = F.conv2d(x, kernel.view(1, 1, size, 1))
-    return x.reshape(b, c, h, w).to(dtype)
+    return x.reshape(shape).to(dtype)
 
 
 def layer_maps(
     completed: torch.Tensor,
-    grid: tuple[int, int],
-    mask_grid: tuple[int, int],
+    grid: Sequence[int],
+    mask_grid: Sequence[int],
     smoothing: float | None = 0.5,
     reference: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,30 +128,51 @@ def layer_maps(
 
     Args:
         completed (`torch.Tensor`): `[B, Q, T]` completed cross-attention of a layer whose grid is `grid`.
-        grid (`tuple[int, int]`): `(h, w)` of the layer, `h * w == Q`.
-        mask_grid (`tuple[int, int]`): `(h, w)` of the mask grid; coarser maps are upsampled bilinearly.
+        grid (`tuple[int, ...]`): `(h, w)` or `(f, h, w)` of the layer, its product `Q`; the query index runs over
+            frames, then rows, then columns, like the latent.
+        mask_grid (`tuple[int, ...]`): the mask grid, of the same rank; coarser maps are upsampled bilinearly over
+            the last two axes, frame by frame (the leading axes must match `grid`'s).
         smoothing (`float | None`): `sigma` of the 3x3 Gaussian, or `None`.
         reference (`torch.Tensor`, *optional*): `[B]` index of the token that plays the start token's role in
             the foreground map (an attention sink); token 0 when `None` (CLIP's start token).
 
     Returns:
-        `tuple[torch.Tensor, torch.Tensor]`: token maps `[B, T, h, w]` (each divided by its spatial mean) and
-        foreground maps `[B, 2, h, w]` (reference token, sum of all other tokens; each divided by its spatial
-        mean).
+        `tuple[torch.Tensor, torch.Tensor]`: token maps `[B, T, *mask_grid]` (each divided by its spatial mean,
+        per frame) and foreground maps `[B, 2, *mask_grid]` (reference token, sum of all other tokens; each divided
+        by its spatial mean, per frame).
+
+    >>> token, fg = layer_maps(torch.rand(1, 2 * 3 * 4, 5), (2, 3, 4), (2, 6, 8))
+    >>> tuple(token.shape), tuple(fg.shape)
+    ((1, 5, 2, 6, 8), (1, 2, 2, 6, 8))
     """
-    b, _q, t = completed.shape
-    # 2b. [B, Q, T] -> [B, T, h, w]; the query index runs over rows first, like the latent.
-    maps = (
-        completed.to(torch.promote_types(completed.dtype, torch.float32))
-        .transpose(1, 2)
-        .reshape(b, t, grid[0], grid[1])
-    )
-    if tuple(grid) != tuple(mask_grid):
-        maps = F.interpolate(maps, size=mask_grid, mode="bilinear", align_corners=False)
-    # 2c. smoothing, in float32 (or float64 for a float64 model).
+    grid, mask_grid = tuple(grid), tuple(mask_grid)
+    b, q, t = completed.shape
+    if len(grid) < 2 or len(mask_grid) != len(grid) or grid[:-2] != mask_grid[:-2]:
+        raise ValueError(
+            f"Expected `grid` and `mask_grid` of the same rank (at least 2) that differ only in their last two "
+            f"(spatial) axes, but got {grid} and {mask_grid}. Frames are never interpolated."
+        )
+    if math.prod(grid) != q:
+        raise ValueError(f"Expected `completed` with {math.prod(grid)} queries for the grid {grid}, but got {q}.")
+    # 2b. [B, Q, T] -> [B, T, *grid]; the query index runs over frames, then rows, then columns, like the latent.
+    maps = completed.to(torch.promote_types(completed.dtype, torch.float32)).transpose(1, 2).reshape(b, t, *grid)
+    if grid != mask_grid:
+        # bilinear over (h, w) only: the frames are folded into the channels
+        lead = grid[:-2]
+        maps = F.interpolate(
+            maps.reshape(b, t * math.prod(lead), *grid[-2:]),
+            size=mask_grid[-2:],
+            mode="bilinear",
+            align_corners=False,
+        ).reshape(b, t, *mask_grid)
+    # 2c. smoothing, in float32 (or float64 for a float64 model); spatial, frame by frame.
     maps = smooth(maps, smoothing)
-    # 2d. each token over its own spatial mean: attention to frequent tokens no longer wins everywhere.
-    token = maps / (maps.mean(dim=(2, 3), keepdim=True) + _EPS)
+    # 2d. each token over its own spatial mean: attention to frequent tokens no longer wins everywhere. The mean is
+    # per frame (the last two axes), as in 2e, so that a video's segmentation is the per-frame image segmentation
+    # whenever the self-attention does not couple frames: temporal coupling comes from the spatio-temporal
+    # self-attention in the completion (2a), not from the normalisation.
+    spatial = (-2, -1)
+    token = maps / (maps.mean(dim=spatial, keepdim=True) + _EPS)
     # 2e. start token (or the family's reference token) vs everything else.
     if reference is None:
         fg = torch.stack([maps[:, 0], maps[:, 1:].sum(dim=1)], dim=1)
@@ -147,13 +182,13 @@ def layer_maps(
     # The released code has no epsilon here. With it, the exact tie of uniform attention (e.g. SDXL's all-zero
     # negative embeddings: every token's map is the same) goes to foreground deterministically instead of being
     # decided by rounding; elsewhere it changes values by ~1e-8 relative. An all-zero channel stays zero.
-    fg = fg / (fg.mean(dim=(2, 3), keepdim=True) + _EPS)
+    fg = fg / (fg.mean(dim=spatial, keepdim=True) + _EPS)
     return token, fg
 
 
 def average_layer_maps(
-    layers: Sequence[tuple[torch.Tensor, torch.Tensor | None, tuple[int, int]]],
-    mask_grid: tuple[int, int],
+    layers: Sequence[tuple[torch.Tensor, torch.Tensor | AttentionRows | None, Sequence[int]]],
+    mask_grid: Sequence[int],
     completion: Literal["official", "power_mean", "none"] = "official",
     order: int = 4,
     smoothing: float | None = 0.5,
@@ -162,12 +197,13 @@ def average_layer_maps(
     """Complete, map and average every layer; each layer counts once (steps 2-3).
 
     Args:
-        layers: `(cross_probs [B, Q, T], self_probs [B, Q, Q] or None, (h, w))` per layer.
-        mask_grid: `(h, w)` of the finest grid used.
+        layers: `(cross_probs [B, Q, T], self_probs [B, Q, Q] (a tensor or `AttentionRows`) or None, grid)` per
+            layer, `grid` being `(h, w)` or `(f, h, w)`.
+        mask_grid: the finest grid used, of the same rank.
         reference: see `layer_maps`.
 
     Returns:
-        token maps `[B, T, h, w]` and foreground maps `[B, 2, h, w]`, averaged over layers.
+        token maps `[B, T, *mask_grid]` and foreground maps `[B, 2, *mask_grid]`, averaged over layers.
     """
     token_total: torch.Tensor | None = None
     fg_total: torch.Tensor | None = None
@@ -189,13 +225,14 @@ def assign_regions(
     """Give every pixel to the token with the largest map value (step 4).
 
     Args:
-        token_maps (`torch.Tensor`): `[B, T, h, w]` layer-averaged, normalised token maps.
-        allowed (`torch.Tensor`, *optional*): `[B, T]` bool, the tokens that may own regions; all when `None`.
+        token_maps (`torch.Tensor`): `[B, T, *grid]` layer-averaged, normalised token maps.
+        allowed (`torch.Tensor`, *optional*): `[B, T]` bool, the tokens that may own regions (in every frame); all
+            when `None`.
         tie_break (`str`): `"multi_hot"` puts a tied pixel in every tied region (the released code);
             `"first"` gives it to the lowest token index.
 
     Returns:
-        `torch.Tensor`: `[B, T, h, w]` masks of 0/1 in the dtype of `token_maps`.
+        `torch.Tensor`: `[B, T, *grid]` masks of 0/1 in the dtype of `token_maps`.
 
     >>> m = assign_regions(torch.tensor([[[[1.0, 2.0]], [[3.0, 2.0]]]]))
     >>> m[0, :, 0].tolist()
@@ -203,7 +240,7 @@ def assign_regions(
     """
     maps = token_maps
     if allowed is not None:
-        maps = maps.masked_fill(~allowed[:, :, None, None], -math.inf)
+        maps = maps.masked_fill(~allowed.view(*allowed.shape, *(1,) * (maps.ndim - 2)), -math.inf)
     if tie_break == "first":
         index = maps.argmax(dim=1, keepdim=True)
         return torch.zeros_like(token_maps).scatter_(1, index, 1.0)
@@ -212,7 +249,7 @@ def assign_regions(
 
 
 def foreground_mask(foreground_maps: torch.Tensor) -> torch.Tensor:
-    """Return `[B, 1, h, w]` 0/1: pixels where the not-start-token channel is strictly larger (step 4).
+    """Return `[B, 1, *grid]` 0/1: pixels where the not-start-token channel is strictly larger (step 4).
 
     >>> foreground_mask(torch.tensor([[[[2.0, 0.5]], [[1.0, 1.5]]]])).tolist()
     [[[[0.0, 1.0]]]]
@@ -221,7 +258,14 @@ def foreground_mask(foreground_maps: torch.Tensor) -> torch.Tensor:
 
 
 def upsample_masks(masks: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Nearest-neighbour upsampling of `[B, C, h, w]` masks to the latent `size` (step 5)."""
-    if tuple(masks.shape[-2:]) == tuple(size):
+    """Nearest-neighbour upsampling of `[B, C, *grid]` masks to the latent grid `size`, of the same rank (step 5).
+
+    >>> upsample_masks(torch.tensor([[[[[1.0, 0.0]]]]]), (1, 2, 4))[0, 0, 0].tolist()
+    [[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]]
+    """
+    size = tuple(size)
+    if len(size) != masks.ndim - 2:
+        raise ValueError(f"Expected a `size` of rank {masks.ndim - 2} for masks {tuple(masks.shape)}, but got {size}.")
+    if tuple(masks.shape[2:]) == size:
         return masks
-    return F.interpolate(masks, size=tuple(size), mode="nearest")
+    return F.interpolate(masks, size=size, mode="nearest")

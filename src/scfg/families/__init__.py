@@ -1,81 +1,43 @@
-"""Model families: one small, self-contained adapter per denoiser architecture.
+"""Model families: one small, self-contained adapter per denoiser architecture (one file each).
 
-A family answers four questions for the integration: which module is the denoiser, which attention layers feed
-the maps (and at which grid level), how large the latent of a forward pass is, and how the CFG batch is laid out.
+A family declares what is specific to its models, as data and small functions the step engine (`scfg.engine`)
+and its hooks (`scfg.integration.pipeline`) read; it never runs a step itself:
+- which modules are the denoisers (`denoisers`: SD's `unet`, a transformer, Wan 2.2's two experts);
+- which attention layers feed the maps, at which grid level (`layer_pairs`), and how the processor forms their
+  queries and keys (`attention`: heads, norms, rotary embedding, joint order) and where the cross and self parts
+  are (`layer_attention`);
+- how its pipeline runs classifier-free guidance (`cfg_layout`: one batch or separate passes, their order, the
+  line and where the scale comes from);
+- what one denoiser call looks like (`pass_context`: the token grid, the batch) and where its prediction is
+  (`predictions` / `with_predictions`: a `[B, C, *grid]` view of a 4-D, packed `[B, L, C]` or 5-D output);
+- its text tokens (`tokenize`, `token_roles`) and preset differences (`preset_overrides`).
+
+`base.Family` holds the defaults (the Stable Diffusion 1.x/2.x answers); a family overrides what differs.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Protocol
-
-import torch
-from torch import nn
+from typing import Any
 
 from ..config import SCFGError
+from .base import Family, LayerPair, PassContext
 
-__all__ = ["FAMILIES", "LayerPair", "ModelFamily", "family_for"]
+__all__ = ["FAMILIES", "Family", "LayerPair", "ModelFamily", "PassContext", "family_for"]
 
-
-@dataclass(frozen=True)
-class LayerPair:
-    """A cross-attention layer, the self-attention layer of the same block, and their grid level."""
-
-    cross: str
-    self_attn: str | None
-    level: int
+ModelFamily = Family  # the contract every family adapter fulfils (kept as a name for type hints)
 
 
-class ModelFamily(Protocol):
-    """The contract every family adapter module fulfils."""
-
-    name: str
-    default_levels: tuple[int, ...]
-    probs_fn: Any  # capture function for this family's attention layers, or None for the default
-
-    def matches(self, pipe: Any) -> bool: ...
-
-    def preset_overrides(self, pipe: Any) -> dict[str, dict[str, Any]]: ...
-
-    def layer_inputs(
-        self, pair: LayerPair, probs: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor | None]: ...
-
-    def guided_channels(self, denoiser: nn.Module) -> int | None: ...
-
-    def tokenize(self, pipe: Any, prompts: list[str], num_tokens: int) -> list[tuple[Any, torch.Tensor]]:
-        """`(tokenizer, ids [P, T_k])` for each consecutive part of the `num_tokens` text tokens the denoiser sees."""
-        ...
-
-    def token_roles(self, cross_probs: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """`[B]` index of the foreground's reference token (None: token 0) and `[B, T]` real (unmasked) tokens
-        (None: all), from one layer's `[B, Q, T]` cross-attention."""
-        ...
-
-    def denoiser(self, pipe: Any) -> nn.Module: ...
-
-    def layer_pairs(self, denoiser: nn.Module) -> list[LayerPair]: ...
-
-    def latent_hw(self, args: tuple, kwargs: dict) -> tuple[int, int]: ...
-
-    def batch_size(self, args: tuple, kwargs: dict) -> int: ...
-
-    def split_cfg_batch(self, pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-    def join_cfg_batch(self, pred_uncond: torch.Tensor, pred_cond: torch.Tensor) -> torch.Tensor: ...
-
-
-def _families() -> list[ModelFamily]:
-    from . import deepfloyd_if, pixart, sd3_mmdit, sd_unet, sdxl_unet
+def _families() -> list[Family]:
+    from . import deepfloyd_if, flux, pixart, sd3_mmdit, sd_unet, sdxl_unet
 
     # first match wins
-    return [sd3_mmdit.FAMILY, pixart.FAMILY, deepfloyd_if.FAMILY, sdxl_unet.FAMILY, sd_unet.FAMILY]
+    return [flux.FAMILY, sd3_mmdit.FAMILY, pixart.FAMILY, deepfloyd_if.FAMILY, sdxl_unet.FAMILY, sd_unet.FAMILY]
 
 
-FAMILIES = ("sd_unet", "sdxl_unet", "deepfloyd_if", "pixart", "sd3_mmdit")
+FAMILIES = ("sd_unet", "sdxl_unet", "deepfloyd_if", "pixart", "sd3_mmdit", "flux")
 
 
-def family_for(pipe: Any) -> ModelFamily:
+def family_for(pipe: Any) -> Family:
     """Return the adapter for `pipe`, or raise naming the supported families."""
     for family in _families():
         if family.matches(pipe):
@@ -85,6 +47,6 @@ def family_for(pipe: Any) -> ModelFamily:
     text = f" and text encoder {type(text_encoder).__name__}" if text_encoder is not None else ""
     raise SCFGError(
         f"Expected a pipeline of a supported model family ({', '.join(FAMILIES)}: StableDiffusion 1.x/2.x, "
-        f"SDXL, DeepFloyd IF, PixArt-alpha/Sigma and SD3/3.5 pipelines), but got {type(pipe).__name__} with denoiser "
-        f"{type(denoiser).__name__}{text}."
+        f"SDXL, DeepFloyd IF, PixArt-alpha/Sigma, SD3/3.5 and FLUX.1 pipelines), but got {type(pipe).__name__} with "
+        f"denoiser {type(denoiser).__name__}{text}."
     )

@@ -14,6 +14,7 @@ the last 3 layers of each grid; stage I uses the whole-image mean norm as the be
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -22,11 +23,42 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 from transformers import T5EncoderModel, T5Tokenizer, T5TokenizerFast
 
-from ..capture import head_averaged_softmax
-from . import LayerPair
+from ..attention import AttentionRows
+from ..capture import LayerCall
+from .base import LayerPair, PassContext
 from .sd_unet import SDUNetFamily, _block_levels, forward_rank, has_added_kv_attention
 
-__all__ = ["FAMILY", "joint_added_kv_probs"]
+__all__ = ["FAMILY", "joint_added_kv_attention", "joint_added_kv_probs"]
+
+
+def joint_added_kv_attention(
+    attn: nn.Module, call: LayerCall, context: PassContext | None = None, budget: int | None = None
+) -> AttentionRows:
+    """Head-averaged joint probabilities `[B, Q, T + Q]` of an added-KV `Attention`, text columns first, as
+    `AttentionRows`. Mirrors `AttnAddedKVProcessor2_0` up to its `scaled_dot_product_attention`."""
+    hidden_states = call.input(0, "hidden_states")
+    context_states = call.input(1, "encoder_hidden_states")
+    attention_mask = call.input(2, "attention_mask")
+    b, c = hidden_states.shape[:2]
+    x = hidden_states.view(b, c, -1).transpose(1, 2)
+    if context_states is not None and attn.norm_cross:
+        context_states = attn.norm_encoder_hidden_states(context_states)
+    if attn.group_norm is not None:
+        x = attn.group_norm(x.transpose(1, 2)).transpose(1, 2)
+    heads = attn.heads
+    query = attn.to_q(x)
+    keys = [attn.add_k_proj(context_states if context_states is not None else x)]
+    if not attn.only_cross_attention:
+        keys.append(attn.to_k(x))
+    key = torch.cat(keys, dim=1)
+    head_dim = query.shape[-1] // heads
+    query = query.view(b, -1, heads, head_dim).transpose(1, 2)
+    key = key.view(b, -1, heads, head_dim).transpose(1, 2)
+    bias = None
+    if attention_mask is not None:
+        bias = attn.prepare_attention_mask(attention_mask, key.shape[2], b)
+        bias = bias.view(b, heads, -1, bias.shape[-1]).to(torch.promote_types(query.dtype, torch.float32))
+    return AttentionRows(query, key, float(attn.scale), bias, **({} if budget is None else {"budget": budget}))
 
 
 def joint_added_kv_probs(
@@ -35,27 +67,9 @@ def joint_added_kv_probs(
     encoder_hidden_states: torch.Tensor | None = None,
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Head-averaged joint probabilities `[B, Q, T + Q]` of an added-KV `Attention`, text columns first.
-
-    Mirrors `AttnAddedKVProcessor2_0` up to its `scaled_dot_product_attention`.
-    """
-    b, c = hidden_states.shape[:2]
-    x = hidden_states.view(b, c, -1).transpose(1, 2)
-    context = encoder_hidden_states
-    if context is not None and attn.norm_cross:
-        context = attn.norm_encoder_hidden_states(context)
-    if attn.group_norm is not None:
-        x = attn.group_norm(x.transpose(1, 2)).transpose(1, 2)
-    heads = attn.heads
-    query = attn.to_q(x)
-    keys = [attn.add_k_proj(context if context is not None else x)]
-    if not attn.only_cross_attention:
-        keys.append(attn.to_k(x))
-    key = torch.cat(keys, dim=1)
-    head_dim = query.shape[-1] // heads
-    query = query.view(b, -1, heads, head_dim).transpose(1, 2)
-    key = key.view(b, -1, heads, head_dim).transpose(1, 2)
-    return head_averaged_softmax(query, key, float(attn.scale), attn, attention_mask)
+    """Dense `joint_added_kv_attention`: `[B, Q, T + Q]`."""
+    call = LayerCall((hidden_states, encoder_hidden_states, attention_mask), {})
+    return joint_added_kv_attention(attn, call).dense()
 
 
 def has_t5_text(pipe: Any) -> bool:
@@ -73,7 +87,10 @@ class DeepFloydIFFamily(SDUNetFamily):
 
     name = "deepfloyd_if"
     default_levels = (4, 8)
-    probs_fn = staticmethod(joint_added_kv_probs)
+    projections = ()
+
+    def attention(self, module: nn.Module, call: LayerCall, context: PassContext | None, budget: int | None):
+        return joint_added_kv_attention(module, call, context, budget)
 
     def matches(self, pipe: Any) -> bool:
         unet = getattr(pipe, "unet", None)
@@ -105,12 +122,17 @@ class DeepFloydIFFamily(SDUNetFamily):
                 pairs.append(LayerPair(cross=name, self_attn=self_name, level=levels[prefix]))
         return sorted(pairs, key=lambda pair: forward_rank(pair.cross))
 
-    def layer_inputs(
-        self, pair: LayerPair, probs: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        joint = probs[pair.cross]
-        num_text = joint.shape[2] - joint.shape[1] if pair.self_attn is not None else joint.shape[2]
-        return joint[..., :num_text], (joint[..., num_text:] if pair.self_attn is not None else None)
+    def layer_attention(
+        self, pair: LayerPair, rows: Mapping[str, AttentionRows], context: PassContext | None
+    ) -> tuple[torch.Tensor, AttentionRows | None]:
+        joint = rows[pair.cross]
+        if pair.self_attn is None:
+            return joint.dense(), None
+        num_text = joint.shape[2] - joint.shape[1]
+        # the released code splits the joint rows without renormalising them (docs/algorithm.md section 4)
+        return joint.select(slice(0, num_text), renormalise=False).dense(), joint.select(
+            slice(num_text, None), renormalise=False
+        )
 
     def guided_channels(self, denoiser: nn.Module) -> int | None:
         return int(denoiser.config.out_channels) // 2

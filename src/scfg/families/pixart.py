@@ -36,8 +36,8 @@ class PixArtFamily(SDUNetFamily):
     def matches(self, pipe: Any) -> bool:
         return type(getattr(pipe, "transformer", None)).__name__ == "PixArtTransformer2DModel"
 
-    def denoiser(self, pipe: Any) -> nn.Module:
-        return pipe.transformer
+    def denoisers(self, pipe: Any) -> dict[str, nn.Module]:
+        return {"transformer": pipe.transformer}
 
     def preset_overrides(self, pipe: Any) -> dict[str, dict[str, Any]]:
         return {"official": {"foreground_source": "cond"}, "paper": {"foreground_source": "cond"}}
@@ -51,10 +51,6 @@ class PixArtFamily(SDUNetFamily):
             if isinstance(getattr(block, "attn2", None), Attention):
                 pairs.append(LayerPair(f"transformer_blocks.{i}.attn2", f"transformer_blocks.{i}.attn1", level))
         return pairs
-
-    def latent_hw(self, args: tuple, kwargs: dict) -> tuple[int, int]:
-        sample = args[0] if args else kwargs["hidden_states"]
-        return int(sample.shape[-2]), int(sample.shape[-1])
 
     def guided_channels(self, denoiser: nn.Module) -> int | None:
         config = denoiser.config

@@ -17,29 +17,31 @@ Region definition:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-from ..capture import head_averaged_softmax
-from . import LayerPair
+from ..attention import AttentionRows
+from ..capture import LayerCall
+from .base import LayerPair, PassContext
 from .sd_unet import SDUNetFamily
 
-__all__ = ["FAMILY", "joint_image_query_probs"]
+__all__ = ["FAMILY", "joint_image_query_attention", "joint_image_query_probs"]
 
 CLIP_TOKENS = 77
 
 
-def joint_image_query_probs(
-    attn: nn.Module,
-    hidden_states: torch.Tensor,
-    encoder_hidden_states: torch.Tensor | None = None,
-    attention_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
+def joint_image_query_attention(
+    attn: nn.Module, call: LayerCall, context: PassContext | None = None, budget: int | None = None
+) -> AttentionRows:
     """Head-averaged joint probabilities of the image queries, `[B, Q, Q + T]` (image keys first, as in
-    `JointAttnProcessor2_0`)."""
+    `JointAttnProcessor2_0`), as `AttentionRows`. Text queries are not needed and not formed."""
+    hidden_states = call.input(0, "hidden_states")
+    encoder_hidden_states = call.input(1, "encoder_hidden_states")
+    attention_mask = call.input(2, "attention_mask")
     b = hidden_states.shape[0]
     heads = attn.heads
     query = attn.to_q(hidden_states)
@@ -55,7 +57,22 @@ def joint_image_query_probs(
         if attn.norm_added_k is not None:
             text_key = attn.norm_added_k(text_key)
         key = torch.cat([key, text_key], dim=2)
-    return head_averaged_softmax(query, key, float(attn.scale), attn, attention_mask)
+    bias = None
+    if attention_mask is not None:
+        bias = attn.prepare_attention_mask(attention_mask, key.shape[2], b)
+        bias = bias.view(b, heads, -1, bias.shape[-1]).to(torch.promote_types(query.dtype, torch.float32))
+    return AttentionRows(query, key, float(attn.scale), bias, **({} if budget is None else {"budget": budget}))
+
+
+def joint_image_query_probs(
+    attn: nn.Module,
+    hidden_states: torch.Tensor,
+    encoder_hidden_states: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dense `joint_image_query_attention`: `[B, Q, Q + T]`."""
+    call = LayerCall((hidden_states, encoder_hidden_states, attention_mask), {})
+    return joint_image_query_attention(attn, call).dense()
 
 
 class SD3Family(SDUNetFamily):
@@ -63,13 +80,16 @@ class SD3Family(SDUNetFamily):
 
     name = "sd3_mmdit"
     default_levels = (2,)
-    probs_fn = staticmethod(joint_image_query_probs)
+    projections = ()  # the processor's projections are not reused: text queries are skipped instead
+
+    def attention(self, module: nn.Module, call: LayerCall, context: PassContext | None, budget: int | None):
+        return joint_image_query_attention(module, call, context, budget)
 
     def matches(self, pipe: Any) -> bool:
         return type(getattr(pipe, "transformer", None)).__name__ == "SD3Transformer2DModel"
 
-    def denoiser(self, pipe: Any) -> nn.Module:
-        return pipe.transformer
+    def denoisers(self, pipe: Any) -> dict[str, nn.Module]:
+        return {"transformer": pipe.transformer}
 
     def layer_pairs(self, denoiser: nn.Module) -> list[LayerPair]:
         level = int(denoiser.config.patch_size)
@@ -88,17 +108,13 @@ class SD3Family(SDUNetFamily):
             ]
         return pairs
 
-    def latent_hw(self, args: tuple, kwargs: dict) -> tuple[int, int]:
-        sample = args[0] if args else kwargs["hidden_states"]
-        return int(sample.shape[-2]), int(sample.shape[-1])
-
-    def layer_inputs(
-        self, pair: LayerPair, probs: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        joint = probs[pair.cross]
+    def layer_attention(
+        self, pair: LayerPair, rows: Mapping[str, AttentionRows], context: PassContext | None
+    ) -> tuple[torch.Tensor, AttentionRows]:
+        joint = rows[pair.cross]
         q = joint.shape[1]
-        image, text = joint[..., :q], joint[..., q:]
-        return text / text.sum(-1, keepdim=True).clamp_min(1e-12), image / image.sum(-1, keepdim=True).clamp_min(1e-12)
+        # each block's rows renormalised to sum to 1: the image-to-text block is the cross map, image-to-image the self
+        return joint.select(slice(q, None)).dense(), joint.select(slice(0, q))
 
     def tokenize(self, pipe: Any, prompts: list[str], num_tokens: int) -> list[tuple[Any, torch.Tensor]]:
         segments = []

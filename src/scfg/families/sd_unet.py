@@ -11,13 +11,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, CLIPTokenizerFast
 
-from . import LayerPair
+from .base import Family, LayerPair
 
 __all__ = ["FAMILY"]
 
@@ -73,12 +72,15 @@ def forward_rank(name: str) -> tuple[int, int, str]:
     return group, index, name
 
 
-class SDUNetFamily:
-    """Adapter for StableDiffusion 1.x/2.x pipelines (text-to-image, img2img, inpainting, ControlNet)."""
+class SDUNetFamily(Family):
+    """Adapter for StableDiffusion 1.x/2.x pipelines (text-to-image, img2img, inpainting, ControlNet).
+
+    Everything but the pipeline match and the layers is `base.Family`'s default: separate `attn1`/`attn2`, the
+    `[uncond, cond]` batch, CLIP tokens.
+    """
 
     name = "sd_unet"
     default_levels = (4, 8)
-    probs_fn = None  # capture.head_averaged_probs: separate self (attn1) and cross (attn2) layers
 
     def matches(self, pipe: Any) -> bool:
         unet = getattr(pipe, "unet", None)
@@ -93,9 +95,6 @@ class SDUNetFamily:
             and has_clip_text(pipe)
         )
 
-    def denoiser(self, pipe: Any) -> nn.Module:
-        return pipe.unet
-
     def layer_pairs(self, denoiser: nn.Module) -> list[LayerPair]:
         levels = _block_levels(denoiser)  # type: ignore[arg-type]
         pairs = []
@@ -108,42 +107,6 @@ class SDUNetFamily:
             has_self = isinstance(self_module, Attention) and not self_module.is_cross_attention
             pairs.append(LayerPair(cross=name, self_attn=self_name if has_self else None, level=levels[prefix]))
         return sorted(pairs, key=lambda pair: forward_rank(pair.cross))
-
-    def preset_overrides(self, pipe: Any) -> dict[str, dict[str, Any]]:
-        return {}
-
-    def layer_inputs(
-        self, pair: LayerPair, probs: dict[str, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return probs[pair.cross], probs[pair.self_attn] if pair.self_attn is not None else None
-
-    def guided_channels(self, denoiser: nn.Module) -> int | None:
-        return None  # every output channel is the prediction
-
-    def tokenize(self, pipe: Any, prompts: list[str], num_tokens: int) -> list[tuple[Any, torch.Tensor]]:
-        tokenizer = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
-        if tokenizer is None:
-            return []
-        ids = tokenizer(prompts, padding="max_length", max_length=num_tokens, truncation=True, return_tensors="pt")
-        return [(tokenizer, ids.input_ids)]
-
-    def token_roles(self, cross_probs: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        return None, None  # CLIP: token 0 (start) is the reference; no masked tokens
-
-    def latent_hw(self, args: tuple, kwargs: dict) -> tuple[int, int]:
-        sample = args[0] if args else kwargs["sample"]
-        return int(sample.shape[-2]), int(sample.shape[-1])
-
-    def batch_size(self, args: tuple, kwargs: dict) -> int:
-        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
-        return int(sample.shape[0])
-
-    def split_cfg_batch(self, pred: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        pred_uncond, pred_cond = pred.chunk(2)
-        return pred_uncond, pred_cond
-
-    def join_cfg_batch(self, pred_uncond: torch.Tensor, pred_cond: torch.Tensor) -> torch.Tensor:
-        return torch.cat([pred_uncond, pred_cond])
 
 
 FAMILY = SDUNetFamily()

@@ -7,9 +7,10 @@ pipe.update_components(guider=SemanticGuider(guidance_scale=7.5))
 ```
 
 Modular pipelines run the conditional and unconditional batches as separate denoiser passes, wrapped in
-`prepare_models` / `cleanup_models`. The guider records attention only during those passes (hooks installed in
-`prepare_models`, removed in `cleanup_models`), then combines the two passes' maps exactly as the stock-pipeline
-integration combines the two halves of its `[uncond, cond]` batch.
+`prepare_models` / `cleanup_models`, and combine them in the guider's `forward`. The guider is the step engine's
+caller for such a loop: the engine's hooks are installed for each pass (`SemanticGuidance.observe`), record that
+pass's maps as for any separate-pass pipeline (`CFGLayout("separate", ("cond", "uncond"))`), and `forward` asks the
+engine for the rewritten unconditional prediction (`guide_pair`) before the usual CFG line.
 
 Needs diffusers >= 0.36 (the guider API it builds on: `GuiderOutput`, `set_state`, `prepare_models`,
 `cleanup_models`). On older diffusers this module still imports, and `SemanticGuider(...)` raises `SCFGError`;
@@ -26,9 +27,9 @@ import torch
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
-from ..capture import CapturedPass
 from ..config import SCFGConfig, SCFGError
-from .pipeline import SemanticGuidance, _Pass
+from ..engine import CFGLayout
+from .pipeline import SemanticGuidance
 
 __all__ = ["SemanticGuider"]
 
@@ -88,72 +89,48 @@ class SemanticGuider(ClassifierFreeGuidance or object):
         self.scfg_config = SCFGConfig.from_dict(scfg_config) if scfg_config is not None else None
         self.on_step = None  # set to a callable (e.g. scfg.Recorder()) for per-step reports
         self._engine: SemanticGuidance | None = None
-        self._passes: dict[str, CapturedPass] = {}
-        self._reuse = False  # `mask_interval > 1`: this step reuses the engine's last regions, captures nothing
-        self._handle: Any = None
+        self._observer: Any = None  # the engine's hooks, installed for one denoiser pass
 
     def _engine_for(self, denoiser: nn.Module) -> SemanticGuidance:
         if self._engine is None or self._engine.denoiser is not denoiser:
             holder = _as_pipeline(denoiser)
-            holder.guidance_rescale = self.guidance_rescale  # read only where both CFG halves are replaced
-            self._engine = SemanticGuidance(holder, self.scfg_config or "official")
+            holder.guidance_rescale = self.guidance_rescale  # read only where both CFG predictions are replaced
+            # modular pipelines run `pred_cond`, then `pred_uncond` (`_input_predictions`), and combine them here
+            self._engine = SemanticGuidance(
+                holder, self.scfg_config or "official", layout=self._layout(), deliver="caller"
+            )
             self._engine.new_call()
         self._engine.on_step = self.on_step
+        self._engine.layout = self._layout()
         return self._engine
+
+    def _layout(self) -> CFGLayout:
+        return CFGLayout("separate", ("cond", "uncond"), "uncond", float(self.guidance_scale))
 
     def set_state(self, step: int, num_inference_steps: int, timestep: torch.LongTensor) -> None:
         super().set_state(step, num_inference_steps, timestep)
-        self._passes = {}
-        self._reuse = False
-        if step == 0 and self._engine is not None:  # a new sampling run: nothing of the last one carries over
-            self._engine.new_call()
+        if self._engine is not None:
+            if step == 0:  # a new sampling run: nothing of the last one carries over
+                self._engine.new_call()
+            self._engine.set_step(step, num_inference_steps)
 
     def prepare_models(self, denoiser: nn.Module) -> None:
         super().prepare_models(denoiser)
         if not self._is_cfg_enabled():
             return
         engine = self._engine_for(denoiser)
-        capture = engine._capture
-        capture.__enter__()
-        family = engine.family
-
-        def begin(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            latent_hw = family.latent_hw(args, kwargs)
-            # each pass holds one half of the CFG batch
-            if engine.can_reuse(self._step, latent_hw, 2 * family.batch_size(args, kwargs)):
-                self._reuse = True
-                return
-            capture.begin(latent_hw)
-
-        self._handle = denoiser.register_forward_pre_hook(begin, with_kwargs=True)
+        engine.set_step(self._step, self._num_inference_steps)
+        self._observer = engine.observe()
+        self._observer.__enter__()
 
     def cleanup_models(self, denoiser: nn.Module) -> None:
-        if self._handle is None:
-            return
-        self._handle.remove()
-        self._handle = None
-        engine = self._engine_for(denoiser)
-        captured = engine._capture.finish()
-        engine._capture.__exit__(None, None, None)
-        if captured is not None:
-            # the first prepared batch is `pred_cond`, the second `pred_uncond` (`_input_predictions` order)
-            self._passes[self._input_predictions[self._count_prepared - 1]] = captured
+        observer, self._observer = self._observer, None
+        if observer is not None:
+            observer.__exit__(None, None, None)
 
     def forward(self, pred_cond: torch.Tensor, pred_uncond: torch.Tensor | None = None):
-        cond, uncond = self._passes.get("pred_cond"), self._passes.get("pred_uncond")
-        captured = cond is not None and uncond is not None
-        if not self._is_cfg_enabled() or pred_uncond is None or not (captured or self._reuse):
+        if not self._is_cfg_enabled() or pred_uncond is None or self._engine is None:
             return super().forward(pred_cond, pred_uncond)
-        engine = self._engine
-        merged = None
-        if captured:
-            merged = CapturedPass(
-                latent_hw=cond.latent_hw, probs={k: torch.cat([uncond.probs[k], cond.probs[k]]) for k in cond.probs}
-            )
-        timestep = float(torch.as_tensor(self._timestep).flatten()[0]) if self._timestep is not None else 0.0
-        current = _Pass(step=self._step, timestep=timestep, guidance_scale=float(self.guidance_scale))
-        guided = engine.guide(torch.cat([pred_uncond, pred_cond]), merged, current)
-        self._passes = {}
-        new_uncond, new_cond = guided.chunk(2)
+        new_uncond, new_cond = self._engine.guide_pair(pred_uncond, pred_cond)
         # CFG on (uncond', cond) is S-CFG's guided prediction; the rescale sees the model's own cond
         return super().forward(new_cond, new_uncond)

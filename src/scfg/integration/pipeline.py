@@ -1,48 +1,60 @@
 """S-CFG on stock diffusers pipelines, with no forked pipeline code.
 
-Three reversible hooks do the work, all removed on exit from the `with` block (also when the pipeline raises):
+The hooks here only observe and deliver; what a step computes is `scfg.engine` (README, "How a step flows"):
 
-1. forward pre-hooks on the attention layers the config needs (`AttentionCapture`);
-2. a forward pre-hook and a forward hook on the denoiser: the pre-hook decides whether this pass is guided
-   (CFG active, step inside `[start_fraction, stop_fraction)`) and starts the capture; the forward hook builds
-   the masks, computes the guided prediction `pred_uncond + g * rate * score` and rewrites the unconditional
-   half so that the pipeline's own `pred_uncond + g * (pred_cond - pred_uncond)` yields it (`express_guided`); the
-   conditional half stays the model's own, so what the pipeline does with it after its CFG line
-   (`guidance_rescale`, SD3's skip-layer guidance) sees the original conditional prediction;
+1. `AttentionCapture` hooks on the attention layers the config needs: each layer's attention is handed over as soon
+   as the layer has run, completed and folded into the pass's running maps (`engine.MapAccumulator`), then freed;
+2. a forward pre-hook and a forward hook on each denoiser (`family.denoisers`: SD's `unet`, a transformer, Wan 2.2's
+   two experts): the pre-hook reads the pipeline's CFG for this call (`family.cfg_layout`: one batch, or separate
+   cond/uncond passes in a given order, the line and the scale), decides whether this pass is guided (CFG active,
+   step inside `[start_fraction, stop_fraction)`) and starts the capture; the forward hook of the pass that
+   completes a step (the batched pass, or the second of two separate passes) computes the regions and the guided
+   prediction `u + a · rate · (c - u)` and rewrites the prediction that arrives last so that the pipeline's own line
+   yields it (`engine.rewrite`); the conditional prediction stays the model's own wherever the layout allows, so
+   what the pipeline does with it after its line (`guidance_rescale`, Qwen-Image's norm rescale, SD3's skip-layer
+   guidance) sees the original;
 3. the pipeline's class is swapped for a same-named subclass whose `__call__` opens the call's state (`_Call`:
-   prompts, `num_images_per_prompt`, guidance scale, step counter, reusable regions) and drops it when the call
-   returns or raises; the class is swapped back on exit.
+   prompts, arguments, step counter, the first of a step's separate passes, reusable regions) and drops it when the
+   call returns or raises; the class is swapped back on exit.
 
-Only passes of the CFG batch inside a call of the enabled pipeline are guided: another pipeline sharing the
-denoiser, or a direct `pipe.unet(...)` call inside the block, is left alone. The step boundary is the denoiser's
-forward pass itself; nothing counts calls.
+Only passes inside a call of the enabled pipeline are guided: another pipeline sharing the denoiser, or a direct
+`pipe.unet(...)` call inside the block, is left alone. The step boundary is the denoiser's forward pass itself.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import ExitStack
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from ..capture import AttentionCapture, CapturedPass, grid_for, level_grid
+from ..attention import DEFAULT_BUDGET, AttentionRows
+from ..capture import AttentionCapture, grid_for, level_grid
 from ..config import SCFGConfig, SCFGError
 from ..diagnostics import StepReport
-from ..families import LayerPair, ModelFamily, family_for
-from ..rule import semantic_guidance
-from ..segment import assign_regions, average_layer_maps, foreground_mask
+from ..engine import CFGLayout, MapAccumulator, PassMaps, Regions, guided_prediction, rewrite, step_regions
+from ..families import LayerPair, ModelFamily, PassContext, family_for
 from ..tokens import WordScale, token_scale_tensor, validate_token_scales
 
-__all__ = ["SemanticGuidance", "enable", "express_guided", "resolve_config"]
+__all__ = ["DEFAULT_MEMORY_BUDGET", "SemanticGuidance", "enable", "express_guided", "resolve_config"]
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_MEMORY_BUDGET = DEFAULT_BUDGET
+"""Bytes of attention scores S-CFG forms at once (256 MiB, `scfg.attention.AttentionRows`'s budget): a layer's
+head-averaged self-attention `[B, Q, Q]` up to this size is formed whole, a larger one in query chunks. The peak
+extra memory of a layer's completion is `scfg.attention.peak_extra_bytes(...)`: at most about 4x the budget (the
+scores, their softmax, the head sum, the running total) plus three `[B, Q, T]` products."""
+
+Role = Literal["cond", "uncond"]
 
 
 @dataclass
@@ -55,8 +67,48 @@ class _PromptInfo:
 
 
 @dataclass
+class _Regions:
+    """The masks of the last step that computed them, kept for `mask_interval > 1`."""
+
+    step: int
+    grid: tuple[int, ...]
+    samples: int
+    regions: Regions
+
+
+@dataclass
+class _Pass:
+    """The denoiser pass being observed: what it holds, its step and layout, and its running maps."""
+
+    denoiser: str
+    role: Literal["batch", "cond", "uncond"]
+    layout: CFGLayout
+    context: PassContext
+    step: int | None
+    timestep: float
+    reuse: bool = False
+    accumulator: MapAccumulator | None = None
+    waiting: dict[str, AttentionRows] = field(default_factory=dict)  # layers of pairs not complete yet
+    done: set[LayerPair] = field(default_factory=set)
+
+
+@dataclass
+class _Held:
+    """The first of a step's two separate passes: its maps and its prediction (a view of the pipeline's tensor)."""
+
+    denoiser: str
+    step: int | None
+    timestep: float
+    role: Role
+    guided: bool  # False: the step is outside [start, stop) and is left alone
+    reuse: bool = False
+    maps: PassMaps | None = None
+    prediction: torch.Tensor | None = None
+
+
+@dataclass
 class _Call:
-    """What one call of the enabled pipeline asked for, and what S-CFG keeps between its steps.
+    """What one call of the enabled pipeline asked for, and what S-CFG keeps between its passes and steps.
 
     Created when the call starts and dropped when it ends (returns or raises), so nothing carries over to a
     later call, to another pipeline sharing the denoiser, or to a direct denoiser call outside a pipeline call.
@@ -64,32 +116,15 @@ class _Call:
 
     prompts: list[str] | None = None
     images_per_prompt: int = 1
-    guidance_scale: float | None = None  # from the call's arguments (pipelines that keep it local: IF)
+    arguments: dict[str, Any] = field(default_factory=dict)
     prompt: _PromptInfo | None = None
     token_scales: torch.Tensor | None = None
     regions: _Regions | None = None
     last_step: int = -1  # the last step index reported, for schedulers that repeat timesteps (PNDM, Heun)
-
-
-@dataclass
-class _Pass:
-    """The denoiser pass being guided: its step, timestep and scale, and whether it reuses the last regions."""
-
-    step: int | None
-    timestep: float
-    guidance_scale: float
-    reuse: bool = False
-
-
-@dataclass
-class _Regions:
-    """The masks of the last step that computed them, kept for `mask_interval > 1`."""
-
-    step: int
-    latent_hw: tuple[int, int]
-    batch: int
-    token_masks: torch.Tensor
-    foreground: torch.Tensor
+    held: _Held | None = None
+    step: tuple[int, int] | None = None  # (index, count) told by a caller that runs the loop itself (the guider)
+    pair_maps: dict[Role, PassMaps] | None = None  # caller-delivered mode: the maps of the step's two passes
+    pair_pass: _Pass | None = None
 
 
 def _stack_of(layer: str) -> str:
@@ -133,6 +168,8 @@ def enable(
     *,
     on_step: Callable[[StepReport], None] | None = None,
     token_scales: Mapping[str, float] | Sequence[WordScale] | None = None,
+    layout: CFGLayout | None = None,
+    memory_budget: int = DEFAULT_MEMORY_BUDGET,
 ) -> SemanticGuidance:
     """Apply S-CFG to `pipe` inside a `with` block.
 
@@ -146,6 +183,13 @@ def enable(
             `WordScale`s of `scfg.parse_weighted_prompt("a cat:1.5 on a sofa")`. They act on the regions those
             words' tokens own, after the clamps (`config.token_scale_mode`: multiply or replace the rate).
             A word that is in none of the prompts raises `SCFGError` listing the prompt's words.
+        layout (`scfg.engine.CFGLayout`, *optional*): how the sampling loop runs CFG, for a loop of your own
+            around the pipeline's components (separate passes, another order, `c + s(c - u)`); by default the model
+            family reads it from each call of its pipeline.
+        memory_budget (`int`): bytes of attention scores formed at once (default 256 MiB). A self-attention map
+            `[B, Q, Q]` larger than this is formed in query chunks and never held whole; the completion's peak extra
+            memory is then at most about 4x the budget plus three `[B, Q, T]` products
+            (`scfg.attention.peak_extra_bytes`).
 
     Only calls of `pipe` made inside the `with` block are guided; the object does nothing until it is entered.
 
@@ -155,7 +199,9 @@ def enable(
             image = pipe("a red cube on a blue sphere", guidance_scale=7.5).images[0]
         ```
     """
-    return SemanticGuidance(pipe, config, on_step=on_step, token_scales=token_scales)
+    return SemanticGuidance(
+        pipe, config, on_step=on_step, token_scales=token_scales, layout=layout, memory_budget=memory_budget
+    )
 
 
 def express_guided(
@@ -165,49 +211,10 @@ def express_guided(
     guidance_scale: float,
     guidance_rescale: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """Return `(pred_uncond', pred_cond', exact)` such that the pipeline's own CFG line
-    `pred_uncond' + g * (pred_cond' - pred_uncond')` yields `guided`.
-
-    The conditional prediction is kept and the unconditional one rewritten: with `k = (g·rate - 1) / (g - 1)`,
-    `guided = u + g·rate·η` is `c + (g·rate - 1)·η`, so `u' = c - k·η` gives `u' + g(c - u') = guided`. Whatever
-    the pipeline does with `pred_cond` after that line (`guidance_rescale` against the conditional prediction, as
-    the released code does; SD3's skip-layer guidance) then sees the model's own prediction.
-
-    In the model's dtype the pipeline's `g·(c - u')` carries the rounding of `u'` (about `ulp(|u'|)`) times `g`,
-    which dwarfs the guidance when `g` is huge (the rate is `15/g` above 18.75) or `g` is barely above 1 (`k`
-    explodes). The line is therefore simulated in the pipeline's dtype; if it misses `guided` by more than 64 ulps
-    of the prediction's largest value (plain CFG's own line is off by a few), both halves are set to the guided
-    prediction instead, which the line reproduces exactly (`t + g·0 = t`); `guidance_rescale` (Lin et al.) is then
-    applied here, against the original conditional prediction, because the pipeline's own rescale is the identity on
-    equal halves. `exact` is False in that case.
-
-    Args:
-        pred_uncond, pred_cond (`torch.Tensor`): `[B, C, ...]` the model's predictions (guided channels only).
-        guided (`torch.Tensor`): `[B, C, ...]` the target, float32 or wider.
-        guidance_scale (`float`): `g > 1`.
-        guidance_rescale (`float`): the pipeline's `guidance_rescale` (only read when both halves are replaced).
-
-    >>> u, c = torch.zeros(1, 2, 1, 1), torch.ones(1, 2, 1, 1)
-    >>> nu, nc, exact = express_guided(u, c, u + 5.0 * 0.8 * (c - u), 5.0)
-    >>> torch.allclose(nu + 5.0 * (nc - nu), torch.full_like(u, 4.0)), exact, nc is c
-    (True, True, True)
-    """
-    dtype = guided.dtype
-    cond = pred_cond.to(dtype)
-    # guided = c + (g·rate - 1)·η; the per-pixel factor on η is recovered from the target itself
-    k = (guided - cond) / (guidance_scale - 1.0)
-    new_uncond = (cond - k).to(pred_uncond.dtype)
-    line = new_uncond + guidance_scale * (pred_cond - new_uncond)  # the pipeline's line, in its own dtype
-    eps = torch.finfo(pred_cond.dtype).eps
-    error = (line.to(dtype) - guided).abs().amax()
-    if bool(error <= 64 * eps * guided.abs().amax()):
-        return new_uncond, pred_cond, True
-    if guidance_rescale > 0:  # Lin et al. 2305.08891, eq. 15-16, against the model's conditional prediction
-        dims = list(range(1, guided.ndim))
-        rescaled = guided * (cond.std(dim=dims, keepdim=True) / guided.std(dim=dims, keepdim=True))
-        guided = guidance_rescale * rescaled + (1 - guidance_rescale) * guided
-    both = guided.to(pred_cond.dtype)
-    return both, both, False
+    """`engine.rewrite` for the `u + g(c - u)` line of one `[uncond, cond]` batch: `(pred_uncond', pred_cond',
+    exact)` whose line yields `guided`, the conditional prediction kept."""
+    layout = CFGLayout("batched", ("uncond", "cond"), "uncond", guidance_scale)
+    return rewrite(layout, pred_uncond, pred_cond, guided, "uncond", guidance_rescale)
 
 
 class SemanticGuidance:
@@ -220,25 +227,48 @@ class SemanticGuidance:
         *,
         on_step: Callable[[StepReport], None] | None = None,
         token_scales: Mapping[str, float] | Sequence[WordScale] | None = None,
+        layout: CFGLayout | None = None,
+        memory_budget: int = DEFAULT_MEMORY_BUDGET,
+        deliver: Literal["hooks", "caller"] = "hooks",
     ) -> None:
         if on_step is not None and not callable(on_step):
             raise SCFGError(
                 f"Expected `on_step` to be callable (e.g. `scfg.Recorder()`), but got {type(on_step).__name__}."
             )
+        if layout is not None and not isinstance(layout, CFGLayout):
+            raise SCFGError(f"Expected `layout` as a `scfg.engine.CFGLayout`, but got {type(layout).__name__}.")
+        if not (isinstance(memory_budget, int) and memory_budget > 0):
+            raise SCFGError(f"Expected `memory_budget` as a positive number of bytes, but got {memory_budget!r}.")
         self.token_scales = validate_token_scales(token_scales) if token_scales else None
         self.family: ModelFamily = family_for(pipe)
         self.pipe = pipe
         self.config = resolve_config(pipe, config)
         self.on_step = on_step
-        self.denoiser: nn.Module = self.family.denoiser(pipe)
+        self.layout = layout
+        self.memory_budget = memory_budget
+        self.deliver = deliver
+        self.denoisers: dict[str, nn.Module] = self.family.denoisers(pipe)
+        self.denoiser: nn.Module = next(iter(self.denoisers.values()))
         self.levels: tuple[int, ...] = self.config.levels or self.family.default_levels
-        self.pairs = self._select_pairs(self.family.layer_pairs(self.denoiser))
-        layers = list(dict.fromkeys([p.cross for p in self.pairs] + [p.self_attn for p in self.pairs if p.self_attn]))
-        self._capture = AttentionCapture(self.denoiser, layers, self.family.probs_fn)
-        self._channels = self.family.guided_channels(self.denoiser)
+        self.pairs_by_denoiser = {
+            name: self._select_pairs(module, self.family.layer_pairs(module))
+            for name, module in self.denoisers.items()
+        }
+        self.pairs = self.pairs_by_denoiser[next(iter(self.denoisers))]
+        self._captures = {
+            name: AttentionCapture(
+                module,
+                list(dict.fromkeys([p.cross for p in pairs] + [p.self_attn for p in pairs if p.self_attn])),
+                self.family.attention,
+                self.family.projections,
+                memory_budget,
+            )
+            for (name, module), pairs in zip(self.denoisers.items(), self.pairs_by_denoiser.values(), strict=True)
+        }
+        self._channels = {name: self.family.guided_channels(module) for name, module in self.denoisers.items()}
         self._stack: ExitStack | None = None
         self._call: _Call | None = None  # the running call of the enabled pipeline, if any
-        self._pass: _Pass | None = None  # the denoiser pass being guided, if any
+        self._pass: _Pass | None = None  # the denoiser pass being observed, if any
         self._warned: set[str] = set()
         self._entered_once = False  # set last: a constructor that raised has nothing to warn about
 
@@ -251,13 +281,13 @@ class SemanticGuidance:
                 stacklevel=2,
             )
 
-    def _select_pairs(self, pairs: list[LayerPair]) -> list[LayerPair]:
+    def _select_pairs(self, denoiser: nn.Module, pairs: list[LayerPair]) -> list[LayerPair]:
         available = sorted({p.level for p in pairs})
         missing = [level for level in self.levels if level not in available]
         if missing:
             raise SCFGError(
                 f"Expected cross-attention at latent/{missing[0]} for `levels={self.levels}`, but this "
-                f"{type(self.denoiser).__name__} has cross-attention only at levels {available}. Pass "
+                f"{type(denoiser).__name__} has cross-attention only at levels {available}. Pass "
                 f"`levels=` with some of {available}."
             )
         chosen = [p for p in pairs if p.level in self.levels]  # families list pairs in forward order
@@ -270,17 +300,9 @@ class SemanticGuidance:
         self._entered_once = True
         if self._stack is not None:
             raise SCFGError("Expected a fresh `scfg.enable(...)` context, but this one is already entered.")
-        for hook in list(self.denoiser._forward_pre_hooks.values()):
-            if isinstance(getattr(hook, "__self__", None), SemanticGuidance):
-                raise SCFGError(
-                    f"Expected S-CFG to be off on this {type(self.denoiser).__name__}, but another `scfg.enable` "
-                    "context is active on it (maybe through another pipeline sharing it). Leave that one first."
-                )
         stack = ExitStack()
         try:
-            stack.enter_context(self._capture)
-            stack.callback(self.denoiser.register_forward_pre_hook(self._begin_pass, with_kwargs=True).remove)
-            stack.callback(self.denoiser.register_forward_hook(self._finish_pass, with_kwargs=True).remove)
+            stack.enter_context(self.observe())
             self._wrap_call(stack)
             stack.callback(self._reset)
         except BaseException:
@@ -294,8 +316,41 @@ class SemanticGuidance:
         if stack is not None:
             stack.close()
 
+    @contextmanager
+    def observe(self) -> Iterator[SemanticGuidance]:
+        """Install the attention and denoiser hooks for the duration of the block, and nothing else: no call state
+        is opened or dropped (`__enter__` does both; a guider that runs the loop itself uses this per pass)."""
+        self._entered_once = True
+        for module in self.denoisers.values():
+            for hook in list(module._forward_pre_hooks.values()):
+                owner = getattr(getattr(hook, "func", hook), "__self__", None)
+                if isinstance(owner, SemanticGuidance) and owner is not self:
+                    raise SCFGError(
+                        f"Expected S-CFG to be off on this {type(module).__name__}, but another `scfg.enable` "
+                        "context is active on it (maybe through another pipeline sharing it). Leave that one first."
+                    )
+        with ExitStack() as stack:
+            for name, module in self.denoisers.items():
+                stack.enter_context(self._captures[name])
+                begin = functools.partial(self._begin_pass, name)
+                finish = functools.partial(self._finish_pass, name)
+                stack.callback(module.register_forward_pre_hook(begin, with_kwargs=True).remove)
+                stack.callback(module.register_forward_hook(finish, with_kwargs=True).remove)
+            stack.callback(self._end_pass)
+            yield self
+
     def _reset(self) -> None:
         self._call = None
+        self._pass = None
+
+    @property
+    def recording(self) -> bool:
+        """Whether a denoiser pass is being recorded now (never outside a pass of a guided call)."""
+        return self._pass is not None or any(capture.current is not None for capture in self._captures.values())
+
+    def _end_pass(self) -> None:
+        for capture in self._captures.values():
+            capture.finish()
         self._pass = None
 
     def _wrap_call(self, stack: ExitStack) -> None:
@@ -321,8 +376,8 @@ class SemanticGuidance:
             try:
                 return original_cls.__call__(pipeline, *args, **kwargs)
             finally:
-                guard._capture.finish()
-                guard._call, guard._pass = outer, None
+                guard._end_pass()
+                guard._call = outer
 
         def __reduce_ex__(pipeline: Any, protocol: Any) -> Any:
             raise SCFGError(
@@ -360,11 +415,38 @@ class SemanticGuidance:
             guidance_scale=float(scale) if isinstance(scale, int | float) else None,
         )
 
+    def _begin_call(self, arguments: dict[str, Any]) -> _Call:
+        """Check the call's arguments that S-CFG reads, at the door, and open its state."""
+        prompt = arguments.get("prompt")
+        if self.token_scales is not None and prompt is None:
+            raise SCFGError(
+                "Expected a text `prompt` with `token_scales`, but got none (prompt_embeds?). Per-word scales need "
+                "the prompt's words."
+            )
+        prompts = None if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt)
+        for name in ("guidance_scale", "true_cfg_scale", "guidance_scale_2"):
+            scale = arguments.get(name)
+            if isinstance(scale, int | float) and not isinstance(scale, bool) and math.isinf(scale) and scale > 0:
+                raise SCFGError(
+                    f"Expected a finite `{name}`, but got {scale!r}. S-CFG caps `g * rate` at "
+                    f"{self.config.max_effective_scale} anyway; pass a number such as 7.5."
+                )
+        return _Call(
+            prompts=prompts,
+            images_per_prompt=int(arguments.get("num_images_per_prompt") or 1),
+            arguments=arguments,
+        )
+
     def new_call(self) -> None:
         """Start the state of a new sampling run without a pipeline call to observe (the modular guider)."""
         self._entered_once = True
         self._call = _Call()
         self._pass = None
+
+    def set_step(self, step: int, num_steps: int) -> None:
+        """Tell the running sampling run its step, when a caller runs the loop itself (the modular guider)."""
+        if self._call is not None:
+            self._call.step = (int(step), int(num_steps))
 
     def _prepare_prompt(self, call: _Call, num_tokens: int) -> None:
         """Tokenise the call's prompts, as the text encoder saw them, to the text length the denoiser sees (77 for
@@ -416,70 +498,116 @@ class SemanticGuidance:
 
     # -- one denoiser pass ------------------------------------------------------------------------------------
 
-    def _begin_pass(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._capture.finish()
-        self._pass = None
+    def _layout(self, call: _Call, denoiser: str) -> CFGLayout | None:
+        if self.layout is not None:
+            return self.layout if self.layout.is_guided else None
+        return self.family.cfg_layout(self.pipe, call.arguments, denoiser)
+
+    def _begin_pass(self, name: str, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._end_pass()
         call = self._call
         if call is None:  # not inside a call of the enabled pipeline: leave the denoiser alone
             return
-        guidance_scale = self._guidance_scale(call)
-        if guidance_scale is None:
+        layout = self._layout(call, name)
+        if layout is None:
+            call.held = None
             return
-        batch = self.family.batch_size(args, kwargs)
-        if call.prompts is not None and batch != 2 * len(call.prompts) * call.images_per_prompt:
-            # An extra pass that is not the CFG batch (e.g. SD3's skip-layer guidance on cond only): leave it alone.
+        context = self.family.pass_context(module, args, kwargs)
+        samples = context.batch if layout.passes == "separate" else context.batch // 2
+        expected = len(call.prompts) * call.images_per_prompt if call.prompts is not None else None
+        if (layout.passes != "separate" and context.batch % 2) or (expected is not None and samples != expected):
+            # A pass that is not one of the CFG passes (e.g. SD3's skip-layer guidance on cond only): leave it alone.
             return
-        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
-        step, num_steps = self._step_index(call, timestep)
-        if step is not None and num_steps:
-            fraction = step / num_steps
-            if not self.config.start_fraction <= fraction < self.config.stop_fraction:
+        timestep = float(torch.as_tensor(context.timestep).flatten()[0]) if context.timestep is not None else 0.0
+        held = call.held
+        if layout.passes == "separate" and held is not None and held.denoiser == name and held.timestep == timestep:
+            # the second of the step's two passes
+            role: Literal["batch", "cond", "uncond"] = layout.order[1]
+            step, guided, reuse = held.step, held.guided, held.reuse
+            if not guided:
+                call.held = None
                 return
-        latent_hw = self.family.latent_hw(args, kwargs)
-        self._pass = _Pass(
-            step=step,
-            timestep=float(torch.as_tensor(timestep).flatten()[0]) if timestep is not None else 0.0,
-            guidance_scale=guidance_scale,
-            reuse=self.can_reuse(step, latent_hw, batch),
-        )
-        if not self._pass.reuse:
-            self._capture.begin(latent_hw)
+        else:
+            call.held = None
+            role = layout.order[0] if layout.passes == "separate" else "batch"
+            step, num_steps = self._step_index(call, context.timestep)
+            guided = True
+            if step is not None and num_steps:
+                guided = self.config.start_fraction <= step / num_steps < self.config.stop_fraction
+            reuse = guided and self.can_reuse(step, context.grid, samples)
+            if layout.passes == "separate":
+                call.held = _Held(name, step, timestep, role, guided, reuse)  # type: ignore[arg-type]
+            if not guided:
+                return
+        current = _Pass(name, role, layout, context, step, timestep, reuse)
+        if not reuse:
+            current.accumulator = MapAccumulator(
+                level_grid(context.grid, min(self.levels)),
+                self.config.completion,
+                self.config.completion_order,
+                self.config.token_map_smoothing,
+                self.family.token_roles,
+            )
+            self._captures[name].begin(context.grid, functools.partial(self._take_layer, current), context)
+        self._pass = current
 
-    def can_reuse(self, step: int | None, latent_hw: tuple[int, int], batch: int) -> bool:
+    def _take_layer(self, current: _Pass, layer: str, rows: AttentionRows) -> None:
+        """Fold each pair whose layers have all run into the pass's maps, then let its attention go."""
+        current.waiting[layer] = rows
+        pairs = self.pairs_by_denoiser[current.denoiser]
+        for pair in pairs:
+            names = [pair.cross] + ([pair.self_attn] if pair.self_attn else [])
+            if pair in current.done or not all(n in current.waiting for n in names):
+                continue
+            with torch.profiler.record_function("scfg.segmentation"):
+                cross, self_attention = self.family.layer_attention(pair, current.waiting, current.context)
+                grid = grid_for(cross.shape[1], current.context.grid)
+                expected = level_grid(current.context.grid, pair.level)
+                if grid != expected:
+                    shape = "x".join(str(n) for n in current.context.grid)
+                    raise SCFGError(
+                        f"Expected layer `{pair.cross}` at latent/{pair.level} of the {shape} latent, but its "
+                        f"{cross.shape[1]} queries form a {'x'.join(str(n) for n in grid)} grid."
+                    )
+                current.accumulator.add(cross, self_attention, grid)  # type: ignore[union-attr]
+            current.done.add(pair)
+            del cross, self_attention
+            needed = {n for p in pairs if p not in current.done for n in (p.cross, p.self_attn) if n}
+            for n in [n for n in current.waiting if n not in needed]:
+                del current.waiting[n]
+
+    def can_reuse(self, step: int | None, grid: Sequence[int], samples: int) -> bool:
         """Whether this step may reuse the call's last computed regions (`mask_interval > 1`, same shapes)."""
-        regions = self._call.regions if self._call is not None else None
+        kept = self._call.regions if self._call is not None else None
         return (
             self.config.mask_interval > 1
-            and regions is not None
+            and kept is not None
             and step is not None
-            and 0 < step - regions.step < self.config.mask_interval
-            and regions.latent_hw == tuple(latent_hw)
-            and regions.batch == batch
+            and 0 < step - kept.step < self.config.mask_interval
+            and kept.grid == tuple(grid)
+            and kept.samples == samples
         )
-
-    def _guidance_scale(self, call: _Call) -> float | None:
-        """The scale of the running call if it does CFG, else None (plain sampling)."""
-        try:
-            if not self.pipe.do_classifier_free_guidance:
-                return None
-            scale = float(self.pipe.guidance_scale)
-        except AttributeError:  # pipelines that keep them local: CFG iff guidance_scale > 1
-            scale = call.guidance_scale
-            if scale is None or not scale > 1.0:
-                return None
-        return scale if math.isfinite(scale) and scale > 1.0 else None
 
     def _step_index(self, call: _Call, timestep: Any) -> tuple[int | None, int]:
         """The index of this pass's step in the scheduler's timesteps, and their number.
 
         Schedulers that repeat a timestep (PNDM's warm-up, Heun's second stage) list it several times: the step is
-        the first matching index after the last one reported in this call, so indices are the loop's own.
+        the first matching index after the last one reported in this call, so indices are the loop's own. A
+        timestep the pipeline rounded on its way in (FLUX passes `t / 1000` in the latents' dtype, bfloat16 keeps 8
+        bits) matches the nearest listed one within 1% of it.
         """
+        if call.step is not None:
+            return call.step
         timesteps = getattr(getattr(self.pipe, "scheduler", None), "timesteps", None)
         if timestep is None or timesteps is None or len(timesteps) == 0:
             return None, 0
         t = torch.as_tensor(timestep).flatten()[0].to(timesteps.device, timesteps.dtype)
         matches = (timesteps == t).nonzero().flatten().tolist()
+        if not matches and timesteps.is_floating_point():
+            distance = (timesteps - t).abs()
+            nearest = int(distance.argmin())
+            if bool(distance[nearest] <= 0.01 * t.abs().clamp_min(1e-3)):
+                matches = [nearest]
         if not matches:
             return None, len(timesteps)
         later = [i for i in matches if i > call.last_step]
@@ -487,87 +615,142 @@ class SemanticGuidance:
         call.last_step = step
         return step, len(timesteps)
 
-    def _finish_pass(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        captured = self._capture.finish()
-        current, self._pass = self._pass, None
-        if current is None or (captured is None and not current.reuse):
+    def _finish_pass(self, name: str, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        current, call = self._pass, self._call
+        self._end_pass()
+        if current is None or call is None or current.denoiser != name:
             return output
-        is_tuple = isinstance(output, tuple)
-        pred = output[0] if is_tuple else output.sample
-        new_pred = self.guide(pred, captured, current)
-        if is_tuple:
-            return (new_pred, *output[1:])
-        output.sample = new_pred
-        return output
-
-    def guide(self, pred: torch.Tensor, captured: CapturedPass | None, current: _Pass) -> torch.Tensor:
-        """Return the CFG batch `[uncond', cond]` whose CFG line yields S-CFG's guided prediction for this pass.
-
-        `captured` holds the pass's attention maps (`None` when the pass reuses the call's last regions).
-        """
-        call = self._call if self._call is not None else _Call()
-        step, guidance_scale = current.step, current.guidance_scale
-        config = self.config
-        if pred.shape[0] % 2:
-            raise SCFGError(
-                f"Expected the CFG batch [uncond, cond] to have an even size, but the denoiser returned "
-                f"{pred.shape[0]} samples."
+        maps = None
+        if current.accumulator is not None:
+            if len(current.done) != len(self.pairs_by_denoiser[name]):
+                missing = sorted({p.cross for p in self.pairs_by_denoiser[name]} - {p.cross for p in current.done})
+                raise SCFGError(
+                    f"Expected attention maps from layers {missing} in this denoiser pass, but they did not run. The "
+                    "denoiser's forward skipped them; pass `levels=` that this model uses."
+                )
+            maps = current.accumulator.result()
+        pred = self.family.predictions(output, current.context)
+        layout = current.layout
+        if current.role == "batch":
+            halves = layout.halves(pred)
+            by_role = maps.split(layout) if maps is not None else None
+            new = self._guide(call, current, by_role, halves["uncond"], halves["cond"], "uncond", None)
+            if new is None:
+                return output
+            return self.family.with_predictions(
+                output, layout.join({"uncond": new[0], "cond": new[1]}), current.context
             )
-        if captured is None:  # `mask_interval > 1`: this step reuses the last regions and captured nothing
-            token_masks, fg_mask = call.regions.token_masks, call.regions.foreground  # type: ignore[union-attr]
+        held = call.held
+        if current.role == layout.order[0]:  # the first of two passes: keep what it gave until its partner comes
+            if held is not None:
+                held.maps, held.prediction = maps, pred
+            return output
+        call.held = None
+        if held is None or held.prediction is None or (maps is None) != (held.maps is None):
+            return output
+        by_role = None if maps is None else {held.role: held.maps, current.role: maps}  # type: ignore[dict-item]
+        first, last = held.prediction, pred
+        u, c = (first, last) if held.role == "uncond" else (last, first)
+        if self.deliver == "caller":  # the caller (a guider) combines the predictions itself: keep the maps
+            call.pair_maps, call.pair_pass = by_role, current
+            return output
+        new = self._guide(call, current, by_role, u, c, current.role, first)  # type: ignore[arg-type]
+        if new is None:
+            return output
+        return self.family.with_predictions(output, new[0] if current.role == "uncond" else new[1], current.context)
+
+    def guide_pair(self, pred_uncond: torch.Tensor, pred_cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For a caller that combines the two predictions itself (`deliver="caller"`, the modular guider):
+        `(pred_uncond', pred_cond)` whose line yields S-CFG's prediction, from the maps its last two passes
+        recorded; the predictions unchanged when there are none."""
+        call = self._call
+        if call is None or call.pair_pass is None:
+            return pred_uncond, pred_cond
+        current, by_role = call.pair_pass, call.pair_maps
+        call.pair_pass = call.pair_maps = None
+        new = self._guide(call, current, by_role, pred_uncond, pred_cond, "uncond", None)
+        return (pred_uncond, pred_cond) if new is None else new
+
+    def _guide(
+        self,
+        call: _Call,
+        current: _Pass,
+        maps: dict[Role, PassMaps] | None,
+        pred_uncond: torch.Tensor,
+        pred_cond: torch.Tensor,
+        replace: Role,
+        first: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`(pred_uncond', pred_cond')` whose line yields S-CFG's guided prediction for this step, or None (plain
+        CFG). `maps` is None when the step reuses the call's last regions; `first` is the first of two separate
+        passes' prediction (a view of the pipeline's tensor), written in place when the line cannot be met
+        otherwise."""
+        config, layout = self.config, current.layout
+        if maps is None:  # `mask_interval > 1`: this step reuses the last regions and captured nothing
+            regions = call.regions.regions  # type: ignore[union-attr]
         else:
-            regions = self._regions_from(call, captured)
+            regions = self._regions_from(call, maps)
             if regions is None:
-                return pred
-            token_masks, fg_mask = regions
-            if step is not None and config.mask_interval > 1:
-                call.regions = _Regions(step, tuple(captured.latent_hw), pred.shape[0], token_masks, fg_mask)
-        pred_uncond, pred_cond = self.family.split_cfg_batch(pred)
+                return None
+            if current.step is not None and config.mask_interval > 1:
+                samples = regions.token_masks.shape[0]
+                call.regions = _Regions(current.step, tuple(current.context.grid), samples, regions)
         # Learned-variance channels (DeepFloyd IF, PixArt) are split off before guidance and pass through unchanged.
-        c = self._channels or pred.shape[1]
+        c = self._channels[current.denoiser] or pred_cond.shape[1]
         eps_uncond, eps_cond = pred_uncond[:, :c], pred_cond[:, :c]
-        matches = self._matches_prompt(call, token_masks.shape[:2])
-        result = semantic_guidance(
-            eps_uncond,
-            eps_cond,
-            token_masks,
-            fg_mask,
-            guidance_scale,
-            benchmark=config.benchmark,
-            rate_clamp=config.rate_clamp,
-            max_effective_scale=config.max_effective_scale,
-            smoothing=config.rate_map_smoothing,
-            token_scales=call.token_scales if matches else None,
-            token_scale_mode=config.token_scale_mode,
-            out_dtype=torch.promote_types(pred.dtype, torch.float32),
-        )
+        matches = self._matches_prompt(call, regions.token_masks.shape[:2])
+        with torch.profiler.record_function("scfg.rate"):
+            result = guided_prediction(
+                eps_uncond,
+                eps_cond,
+                regions,
+                layout,
+                benchmark=config.benchmark,
+                rate_clamp=config.rate_clamp,
+                max_effective_scale=config.max_effective_scale,
+                smoothing=config.rate_map_smoothing,
+                token_scales=call.token_scales if matches else None,
+                token_scale_mode=config.token_scale_mode,
+            )
         if not (torch.isfinite(result.rate_map).all() and torch.isfinite(result.guided).all()):
             self._warn_once(
                 "nonfinite_rate",
                 "The S-CFG guided prediction was not finite (the model's predictions or the per-word scales "
                 "overflow); this step uses plain CFG.",
             )
-            return pred
-        new_uncond, new_cond, exact = express_guided(
-            eps_uncond, eps_cond, result.guided, guidance_scale, float(getattr(self.pipe, "guidance_rescale", 0.0))
-        )
+            return None
+        rescale = float(getattr(self.pipe, "guidance_rescale", 0.0) or 0.0)
+        new_uncond, new_cond, exact = rewrite(layout, eps_uncond, eps_cond, result.guided, replace, rescale)
+        if not exact and first is not None:
+            # Both predictions must carry the target, and the first pass's is already in the pipeline's hands: write
+            # it in place (a view of the tensor the pipeline holds).
+            try:
+                first[:, :c].copy_(new_cond if replace == "uncond" else new_uncond)
+            except RuntimeError:
+                new_uncond, new_cond, _ = rewrite(layout, eps_uncond, eps_cond, result.guided, replace, 0.0)
+                self._warn_once(
+                    "inexact_separate",
+                    "The first CFG pass's prediction could not be updated in place; this step's line is off by "
+                    "more than 64 ulps.",
+                )
         if not exact:
             self._warn_once(
                 "inexact",
-                f"`guidance_scale={guidance_scale:g}` is too far from the scales S-CFG can pass through the "
-                "pipeline's CFG line in this dtype; both CFG halves carry the guided prediction (SD3's skip-layer "
-                "guidance then sees it instead of the conditional prediction).",
+                f"The CFG scale {layout.scale:g} is too far from the scales S-CFG can pass through the pipeline's "
+                "CFG line in this dtype; both CFG predictions carry the guided prediction (steps after the line, "
+                "such as SD3's skip-layer guidance, then see it instead of the conditional prediction).",
             )
-        new_uncond = torch.cat([new_uncond, pred_uncond[:, c:]], dim=1)
-        new_cond = torch.cat([new_cond, pred_cond[:, c:]], dim=1)
+        if c < pred_cond.shape[1]:
+            new_uncond = torch.cat([new_uncond, pred_uncond[:, c:]], dim=1)
+            new_cond = torch.cat([new_cond, pred_cond[:, c:]], dim=1)
         if self.on_step is not None:
             self.on_step(
                 StepReport(
-                    step=step,
+                    step=current.step,
                     timestep=current.timestep,
-                    guidance_scale=guidance_scale,
-                    token_masks=token_masks.bool().cpu(),
-                    foreground_mask=fg_mask.bool().cpu(),
+                    guidance_scale=layout.effective_scale,
+                    token_masks=regions.token_masks.bool().cpu(),
+                    foreground_mask=regions.foreground.bool().cpu(),
                     rate_map=result.rate_map.cpu(),
                     token_rates=result.token_rates.cpu(),
                     region_norms=result.region_norms.cpu(),
@@ -575,50 +758,22 @@ class SemanticGuidance:
                     tokens=call.prompt.tokens if matches else None,  # type: ignore[union-attr]
                 )
             )
-        return self.family.join_cfg_batch(new_uncond, new_cond)
+        return new_uncond, new_cond
 
-    def _regions_from(self, call: _Call, captured: CapturedPass) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Token masks `[B, T, h, w]` and foreground `[B, 1, h, w]` of the guided half from this pass's maps;
-        None (with a warning) when the maps are not finite."""
+    def _regions_from(self, call: _Call, maps: dict[Role, PassMaps]) -> Regions | None:
+        """The step's regions from the two halves' maps; None (with a warning) when the maps are not finite."""
         config = self.config
-        captured.require(self._capture.layers)
-        latent_hw = captured.latent_hw
-        mask_grid = level_grid(latent_hw, min(self.levels))
-        layers = []
-        for pair in self.pairs:
-            grid = grid_for(captured.probs[pair.cross].shape[1], latent_hw)
-            if grid != level_grid(latent_hw, pair.level):
-                raise SCFGError(
-                    f"Expected layer `{pair.cross}` at latent/{pair.level} of the {latent_hw[0]}x{latent_hw[1]} "
-                    f"latent, but its {captured.probs[pair.cross].shape[1]} queries form a {grid[0]}x{grid[1]} grid."
-                )
-            cross, self_probs = self.family.layer_inputs(pair, captured.probs)
-            layers.append((cross, self_probs, grid))
-        captured.probs.clear()
-        # Which token plays the start token's role, and which tokens are real (not masked padding): family-specific.
-        reference, valid = self.family.token_roles(layers[0][0])
-        token_maps, fg_maps = average_layer_maps(
-            layers, mask_grid, config.completion, config.completion_order, config.token_map_smoothing, reference
-        )
-        del layers
-        self._prepare_prompt(call, token_maps.shape[1])
-        halves = dict(zip(("uncond", "cond"), self.family.split_cfg_batch(token_maps), strict=True))
-        fg_halves = dict(zip(("uncond", "cond"), self.family.split_cfg_batch(fg_maps), strict=True))
-        token_src, fg_src = halves[config.token_source], fg_halves[config.foreground_source]
-        if not (torch.isfinite(token_src).all() and torch.isfinite(fg_src).all()):
+        token_src = maps[config.token_source].token
+        self._prepare_prompt(call, token_src.shape[1])
+        allowed = self._allowed_tokens(call, token_src.shape[0], token_src.shape[1])
+        with torch.profiler.record_function("scfg.segmentation"):
+            regions = step_regions(maps, config.token_source, config.foreground_source, allowed, config.tie_break)
+        if regions is None:
             self._warn_once(
                 "nonfinite",
                 "Attention maps were not finite (overflow in half precision?); this step uses plain CFG.",
             )
-            return None
-
-        allowed = self._allowed_tokens(call, token_src.shape[0], token_src.shape[1])
-        if valid is not None:
-            valid_src = dict(zip(("uncond", "cond"), self.family.split_cfg_batch(valid), strict=True))[
-                config.token_source
-            ]
-            allowed = valid_src if allowed is None else allowed & valid_src
-        return assign_regions(token_src, allowed, config.tie_break), foreground_mask(fg_src)
+        return regions
 
     def _matches_prompt(self, call: _Call, shape: tuple[int, int] | torch.Size) -> bool:
         return call.prompt is not None and tuple(call.prompt.token_ids.shape) == tuple(shape)

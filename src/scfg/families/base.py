@@ -1,0 +1,150 @@
+"""The defaults every family starts from: the answers for Stable Diffusion 1.x/2.x (see `families/__init__.py`)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..attention import AttentionRows
+from ..capture import LayerCall, default_attention
+from ..engine import CFGLayout
+
+__all__ = ["Family", "LayerPair", "PassContext", "scale_argument"]
+
+
+@dataclass(frozen=True)
+class LayerPair:
+    """A cross-attention layer, the self-attention layer of the same block, and their grid level.
+
+    For joint attention (one softmax over image and text keys: IF, SD3, FLUX) `cross` and `self_attn` name the same
+    layer; the family's `layer_attention` reads both parts from it.
+    """
+
+    cross: str
+    self_attn: str | None
+    level: int
+
+
+@dataclass
+class PassContext:
+    """What a family reads from one denoiser call.
+
+    Attributes:
+        grid: the prediction's grid, `(H, W)` (a 4-D latent, or the token grid of a packed one) or `(F, H, W)`.
+        batch: samples in this call.
+        timestep: the call's timestep (the first sample's), or None.
+        extra: family-specific facts the attention functions need (e.g. FLUX's text length).
+    """
+
+    grid: tuple[int, ...]
+    batch: int
+    timestep: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def scale_argument(arguments: Mapping[str, Any], name: str) -> float | None:
+    """The call's argument `name` as a float when it is a real number (not a bool), else None."""
+    value = arguments.get(name)
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+class Family:
+    """Defaults: a UNet `pipe.unet` with separate self (`attn1`) and cross (`attn2`) `Attention` layers, a 4-D
+    prediction, CLIP tokens, and CFG as one `[uncond, cond]` batch combined as `u + g(c - u)` with
+    `g = pipe.guidance_scale` (`pipe.do_classifier_free_guidance`)."""
+
+    name = "base"
+    default_levels: tuple[int, ...] = (4, 8)
+    projections: tuple[str, ...] = ("to_q", "to_k")  # projection modules whose outputs `attention` reuses
+
+    def matches(self, pipe: Any) -> bool:
+        raise NotImplementedError
+
+    def denoisers(self, pipe: Any) -> dict[str, nn.Module]:
+        """The denoiser modules to guide, by the pipeline attribute that holds them."""
+        return {"unet": pipe.unet}
+
+    def denoiser(self, pipe: Any) -> nn.Module:
+        """The first denoiser (the one whose layers the CLI and the benchmarks describe)."""
+        return next(iter(self.denoisers(pipe).values()))
+
+    def preset_overrides(self, pipe: Any) -> dict[str, dict[str, Any]]:
+        return {}
+
+    def layer_pairs(self, denoiser: nn.Module) -> list[LayerPair]:
+        raise NotImplementedError
+
+    # -- attention ------------------------------------------------------------------------------------------------
+
+    def attention(self, module: nn.Module, call: LayerCall, context: PassContext | None, budget: int | None):
+        """`AttentionRows` of one captured layer, from its call (inputs and the processor's projections)."""
+        return default_attention(module, call, context, budget)
+
+    def layer_attention(
+        self, pair: LayerPair, rows: Mapping[str, AttentionRows], context: PassContext | None
+    ) -> tuple[torch.Tensor, torch.Tensor | AttentionRows | None]:
+        """`(cross [B, Q, T], self [B, Q, Q] or None)` of a pair whose layers have run, image queries only."""
+        self_rows = rows[pair.self_attn] if pair.self_attn is not None else None
+        return rows[pair.cross].dense(), self_rows
+
+    def token_roles(self, cross_probs: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """`[B]` index of the foreground's reference token (None: token 0) and `[B, T]` real (unmasked) tokens
+        (None: all), from one layer's `[B, Q, T]` cross-attention."""
+        return None, None  # CLIP: token 0 (start) is the reference; no masked tokens
+
+    # -- the pipeline's CFG ---------------------------------------------------------------------------------------
+
+    def cfg_layout(self, pipe: Any, arguments: Mapping[str, Any], denoiser: str) -> CFGLayout | None:
+        """How this call of `pipe` runs CFG for a pass of `denoiser`, or None when it runs none (plain sampling).
+
+        Read on every pass: pipelines set `guidance_scale` during the call, and some (Wan 2.2) change it between
+        denoisers.
+        """
+        try:
+            if not pipe.do_classifier_free_guidance:
+                return None
+            scale = float(pipe.guidance_scale)
+        except AttributeError:  # pipelines that keep them local (DeepFloyd IF): CFG iff guidance_scale > 1
+            scale = scale_argument(arguments, "guidance_scale")
+            if scale is None:
+                return None
+        layout = CFGLayout("batched", ("uncond", "cond"), "uncond", scale)
+        return layout if layout.is_guided else None
+
+    # -- one denoiser call ----------------------------------------------------------------------------------------
+
+    def pass_context(self, denoiser: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> PassContext:
+        sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        timestep = args[1] if len(args) > 1 else kwargs.get("timestep")
+        return PassContext(grid=tuple(int(n) for n in sample.shape[2:]), batch=int(sample.shape[0]), timestep=timestep)
+
+    def predictions(self, output: Any, context: PassContext) -> torch.Tensor:
+        """The call's prediction as `[B, C, *grid]`."""
+        return output[0] if isinstance(output, tuple) else output.sample
+
+    def with_predictions(self, output: Any, pred: torch.Tensor, context: PassContext) -> Any:
+        """`output` with its prediction replaced by `pred` (`[B, C, *grid]`)."""
+        if isinstance(output, tuple):
+            return (pred, *output[1:])
+        output.sample = pred
+        return output
+
+    def guided_channels(self, denoiser: nn.Module) -> int | None:
+        """How many leading channels are the prediction (the rest, learned variance, pass through); None: all."""
+        return None
+
+    # -- text -----------------------------------------------------------------------------------------------------
+
+    def tokenize(self, pipe: Any, prompts: list[str], num_tokens: int) -> list[tuple[Any, torch.Tensor]]:
+        """`(tokenizer, ids [P, T_k])` for each consecutive part of the `num_tokens` text tokens the denoiser sees."""
+        tokenizer = getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
+        if tokenizer is None:
+            return []
+        ids = tokenizer(prompts, padding="max_length", max_length=num_tokens, truncation=True, return_tensors="pt")
+        return [(tokenizer, ids.input_ids)]

@@ -1,0 +1,223 @@
+"""`AttentionRows`: head-averaged attention formed in chunks within a memory budget, and the chunked completion
+(docs/algorithm.md step 2a)."""
+
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from scfg.attention import AttentionRows, peak_extra_bytes
+from scfg.capture import head_averaged_softmax
+from scfg.segment import complete_cross_attention
+
+U32 = 2.0**-24  # unit roundoff of float32
+
+B, H, D, IMAGE, TEXT = 2, 3, 4, 24, 7  # batch, heads, head dim, image tokens (a 4x6 grid), text tokens
+SCALE = D**-0.5
+
+# The chunked and the dense completion differ only in the order of additions: the H head terms of each probability
+# (one head per chunk vs one sum over heads) and the grouping of each K-term dot product. Every value is a convex
+# combination of probabilities (rows of S sum to 1, C's entries are at most 1), so an ulp is at most 1.2e-7, and a
+# difference in one product is not amplified by the next (S's rows sum to 1). Rounding of reordered sums of random
+# terms grows like sqrt(n) ulps (the worst case n ulps needs adversarial terms): with n <= H + K = 34 and up to 4
+# products that is about 4 * 6 * 6e-8 = 1.4e-6 at values near 1, and the values here are below 0.5 (cross
+# probabilities over several tokens), so 1e-6 holds with margin (observed: about 1e-7).
+ATOL = 1e-6
+
+
+def projections(keys: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Queries `[B, H, IMAGE, D]` and keys `[B, H, keys, D]` laid out as a processor makes them: `[B, L, H D]` viewed
+    and transposed (not contiguous)."""
+    g = torch.Generator().manual_seed(seed)
+    query = torch.randn(B, IMAGE, H * D, generator=g).to(dtype).view(B, IMAGE, H, D).transpose(1, 2)
+    key = torch.randn(B, keys, H * D, generator=g).to(dtype).view(B, keys, H, D).transpose(1, 2)
+    return query, key
+
+
+def cross_probs(dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(B, IMAGE, 5, generator=g).mul(3).softmax(-1).to(dtype)
+
+
+def key_mask_bias(keys: int) -> torch.Tensor:
+    """`[B, 1, 1, K]`: the last two keys of sample 0 and the first key of sample 1 masked, as diffusers does."""
+    bias = torch.zeros(B, 1, 1, keys)
+    bias[0, ..., -2:] = -10000.0
+    bias[1, ..., 0] = float("-inf")
+    return bias
+
+
+def naive_rows(query, key, bias=None) -> torch.Tensor:
+    scores = (query.float() @ key.float().transpose(-1, -2)) * SCALE
+    if bias is not None:
+        scores = scores + bias
+    return scores.softmax(-1).mean(dim=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_dense_equals_head_averaged_softmax_bit_for_bit(dtype):
+    query, key = projections(IMAGE, dtype)
+    rows = AttentionRows(query, key, SCALE)
+    assert rows.shape == (B, IMAGE, IMAGE)
+    assert rows.dtype == torch.promote_types(dtype, torch.float32)
+    assert torch.equal(rows.dense(), head_averaged_softmax(query, key, SCALE))
+
+
+def test_bias_masks_keys():
+    query, key = projections(IMAGE)
+    bias = key_mask_bias(IMAGE)
+    dense = AttentionRows(query, key, SCALE, bias).dense()
+    # float32 softmax of scores reordered by the head-mean: within a few ulps of values <= 1
+    torch.testing.assert_close(dense, naive_rows(query, key, bias), rtol=0, atol=8 * U32)
+    assert dense[0, :, -2:].max() < 1e-30 and torch.all(dense[1, :, 0] == 0)
+
+
+def test_column_block_is_renormalised_block_of_full_rows():
+    query, key = projections(IMAGE + TEXT)
+    full = AttentionRows(query, key, SCALE).dense()
+    for columns in (slice(0, IMAGE), slice(IMAGE, None), slice(-3, None)):
+        block = full[..., columns]
+        expected = block / block.sum(-1, keepdim=True).clamp_min(1e-12)
+        assert torch.equal(AttentionRows(query, key, SCALE).select(columns).dense(), expected)
+        assert torch.equal(AttentionRows(query, key, SCALE, columns=columns).dense(), block)
+
+
+def test_renormalised_column_blocks_sum_to_one():
+    query, key = projections(IMAGE + TEXT)
+    joint = AttentionRows(query, key, SCALE, key_mask_bias(IMAGE + TEXT))
+    for columns, kept in ((slice(0, IMAGE), IMAGE), (slice(IMAGE, None), TEXT)):
+        sums = joint.select(columns).dense().sum(-1)
+        # each of the `kept` quotients rounds once (u), and their float32 sum adds (kept - 1) u
+        torch.testing.assert_close(sums, torch.ones(B, IMAGE), rtol=0, atol=(2 * kept) * U32)
+
+
+@pytest.mark.parametrize("completion", ["official", "power_mean"])
+@pytest.mark.parametrize("case", ["plain", "key_mask", "per_head_bias", "joint"])
+def test_chunked_completion_matches_dense(completion, case):
+    keys = IMAGE + TEXT if case == "joint" else IMAGE
+    query, key = projections(keys)
+    bias = None
+    if case in ("key_mask", "joint"):
+        bias = key_mask_bias(keys)
+    elif case == "per_head_bias":
+        bias = torch.randn(B, H, IMAGE, keys, generator=torch.Generator().manual_seed(2))
+    # three query rows of one head at a time: 8 row chunks, each of 3 head chunks
+    budget = 3 * B * keys * 4
+    chunked = AttentionRows(query, key, SCALE, bias, budget=budget)
+    full = AttentionRows(query, key, SCALE, bias).dense()
+    if case == "joint":
+        chunked = chunked.select(slice(0, IMAGE))
+        block = full[..., :IMAGE]
+        full = block / block.sum(-1, keepdim=True).clamp_min(1e-12)
+    cross = cross_probs()
+    expected = complete_cross_attention(cross, full, completion)
+    torch.testing.assert_close(complete_cross_attention(cross, chunked, completion), expected, rtol=0, atol=ATOL)
+    torch.testing.assert_close(chunked.rows(5, 17), full[:, 5:17], rtol=0, atol=ATOL)
+
+
+def test_matmul_with_budget_below_one_row():
+    query, key = projections(IMAGE)
+    rows = AttentionRows(query, key, SCALE, budget=1)  # one row of one head at a time
+    x = cross_probs()
+    torch.testing.assert_close(rows.matmul(x), torch.bmm(rows.dense(), x), rtol=0, atol=ATOL)
+
+
+def test_matmul_with_large_budget_uses_dense_rows():
+    query, key = projections(IMAGE)
+    rows = AttentionRows(query, key, SCALE, budget=1 << 30)
+    x = cross_probs()
+    dense = AttentionRows(query, key, SCALE, budget=1 << 30).dense()
+    # the very same dense matrix (bit for bit) multiplies every time
+    assert torch.equal(rows.matmul(x), torch.bmm(dense, x))
+    assert torch.equal(rows.matmul(x.flip(1)), torch.bmm(dense, x.flip(1)))
+    assert torch.equal(complete_cross_attention(x, rows), complete_cross_attention(x, dense))
+
+
+def test_invalid_inputs_raise_with_shapes():
+    query, key = projections(IMAGE)
+    with pytest.raises(ValueError, match=r"\[B, H, Q, d\]"):
+        AttentionRows(query[0], key, SCALE)
+    with pytest.raises(ValueError, match="broadcastable"):
+        AttentionRows(query, key, SCALE, torch.zeros(B, H, 5, IMAGE))
+    with pytest.raises(ValueError, match="positive step"):
+        AttentionRows(query, key, SCALE, columns=slice(None, None, -1))
+    with pytest.raises(ValueError, match="at least one"):
+        AttentionRows(query, key, SCALE, columns=slice(3, 3))
+    with pytest.raises(ValueError, match=r"\[2, 24, T\]"):
+        AttentionRows(query, key, SCALE).matmul(torch.zeros(B, IMAGE + 1, 5))
+    with pytest.raises(ValueError, match="dtype"):
+        AttentionRows(query, key, SCALE).matmul(torch.zeros(B, IMAGE, 5, dtype=torch.float64))
+
+
+class AllocationTracker(TorchDispatchMode):
+    """Live bytes of the tensor storages that aten ops create inside the `with` block, and their peak.
+
+    A storage is counted when an op first returns it and uncounted when it is freed (a weak reference to the
+    storage, which torch keeps alive exactly as long as the storage). Storages that existed before (the inputs)
+    are never counted. Allocations internal to a kernel are not seen; those of composite ops (matmul's copies)
+    are.
+    """
+
+    def __init__(self, *inputs: torch.Tensor) -> None:
+        super().__init__()
+        self.known = {t.untyped_storage().data_ptr() for t in inputs}
+        self.live: dict[int, int] = {}
+        self.current = self.peak = 0
+
+    def _free(self, pointer: int) -> None:
+        self.current -= self.live.pop(pointer)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_flatten(out)[0]:
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                pointer = storage.data_ptr()
+                if storage.nbytes() and pointer not in self.live and pointer not in self.known:
+                    self.live[pointer] = storage.nbytes()
+                    self.current += storage.nbytes()
+                    weakref.finalize(storage, self._free, pointer)
+        self.peak = max(self.peak, self.current)
+        return out
+
+
+@pytest.mark.parametrize("completion", ["official", "power_mean"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows_per_chunk", [0, 3, None])  # below one row, a few rows, the whole matrix (cached)
+def test_peak_extra_bytes_brackets_tracked_allocations(completion, dtype, rows_per_chunk):
+    keys = IMAGE + TEXT
+    query, key = projections(keys, dtype)
+    bias = key_mask_bias(keys)
+    row = B * keys * 4
+    budget = {0: 1, 3: 3 * row, None: IMAGE * row}[rows_per_chunk]
+    rows = AttentionRows(query, key, SCALE, bias, budget=budget).select(slice(0, IMAGE))
+    cross = cross_probs()
+    with AllocationTracker(query, key, bias, rows.bias, cross) as tracker:
+        complete_cross_attention(cross, rows, completion)
+    size = (B, IMAGE, keys, H, budget)
+    # without the allowance for query/key copies the formula counts what always exists; with it, at most that
+    exact = peak_extra_bytes(*size, tokens=cross.shape[-1], completion=completion)
+    bound = peak_extra_bytes(*size, tokens=cross.shape[-1], head_dim=D, completion=completion)
+    assert exact <= tracker.peak <= bound
+    if dtype == torch.float32:
+        # float32 inputs need no upcast, and where matmul copies the heads to contiguous memory (several heads of a
+        # batch > 1) that happens while less else is alive: the count is exact
+        assert tracker.peak == exact
+
+
+def test_peak_extra_bytes_is_bounded_by_the_budget():
+    batch, tokens, heads, head_dim, length = 2, 512, 12, 128, 32760  # a Wan 2.1 480p clip
+    dense = batch * length * length * 4
+    products = batch * length * tokens * 4
+    copies = 2 * batch * (length + length) * head_dim * 4  # the query and key chunk copies, one head, n <= Q rows
+    previous = 0
+    for budget in (1 << 20, 1 << 24, 1 << 28, 1 << 30):
+        peak = peak_extra_bytes(batch, length, length, heads, budget, tokens=tokens, head_dim=head_dim)
+        # scores, softmax, head sum and running total of one chunk (each at most a budget), plus the products
+        assert 3 * products <= peak <= 4 * budget + 3 * products + copies
+        assert previous <= peak < dense
+        previous = peak
