@@ -132,3 +132,20 @@ def test_flux_maps_equal_a_float64_reference(tiny_flux_path):
     torch.testing.assert_close(cross, text / text.sum(-1, keepdim=True), **tol)
     torch.testing.assert_close(self_rows.dense(), image / image.sum(-1, keepdim=True), **tol)
     assert cross.shape == (2, 96, 7) and self_rows.shape == (2, 96, 96)
+
+
+def test_cli_compare_runs_flux_true_cfg(tiny_flux_path, tmp_path):
+    """`--scale` reaches FLUX as `true_cfg_scale` with an (empty) negative prompt, so the CFG panel runs true CFG
+    and the S-CFG panel is guided, with its region files."""
+    import json
+
+    from PIL import Image
+
+    from scfg.cli import main
+
+    out = tmp_path / "cmp.png"
+    argv = ["compare", "a red cat", "--model", str(tiny_flux_path), "--steps", "2", "--height", "32", "--width", "48"]
+    assert main([*argv, "--scale", "4", "--out", str(out), "--show-regions"]) == 0
+    panel = Image.open(out)
+    assert json.loads(panel.text["scfg"])["guidance"] == "compare"
+    assert any(p.name.endswith("-steps.png") for p in tmp_path.iterdir())

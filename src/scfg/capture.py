@@ -134,10 +134,12 @@ def rows_from_projections(
     head_dim = key.shape[-1] // heads
     query = query.view(batch, -1, heads, head_dim).transpose(1, 2)
     key = key.view(batch, -1, heads, head_dim).transpose(1, 2)
-    if getattr(attn, "norm_q", None) is not None:
-        query = attn.norm_q(query)
-    if getattr(attn, "norm_k", None) is not None:
-        key = attn.norm_k(key)
+    # the classic `AttnProcessor` never applies the q/k norms (`AttnProcessor2_0` does): mirror whichever runs
+    if type(getattr(attn, "processor", None)).__name__ != "AttnProcessor":
+        if getattr(attn, "norm_q", None) is not None:
+            query = attn.norm_q(query)
+        if getattr(attn, "norm_k", None) is not None:
+            key = attn.norm_k(key)
     bias = None
     if attention_mask is not None:
         bias = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)

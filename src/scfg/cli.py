@@ -593,15 +593,14 @@ def _infotext(metadata: dict[str, Any]) -> str:
 def _generate(pipe: Any, args: argparse.Namespace, prompt: str, config: SCFGConfig | None, on_step=None):
     import torch
 
-    from .integration import enable
+    from .integration import enable, guidance_arguments
     from .tokens import parse_weighted_prompt
 
     prompt, scales = parse_weighted_prompt(prompt)  # "a cat:1.5 on a sofa": per-word guidance (S-CFG only)
 
     kwargs = dict(
         prompt=prompt,
-        negative_prompt=args.negative_prompt,
-        guidance_scale=args.scale,
+        **guidance_arguments(pipe, args.scale, args.negative_prompt),
         num_inference_steps=args.steps,
         num_images_per_prompt=args.num_images,
         height=args.height,

@@ -122,14 +122,13 @@ def generate_pair(
     from PIL import Image
 
     from .diagnostics import Recorder
-    from .integration import enable, resolve_config
+    from .integration import enable, guidance_arguments, resolve_config
     from .tokens import parse_weighted_prompt
     from .viz import rate_heatmap, region_map
 
     text, scales = parse_weighted_prompt(prompt)
     kwargs = dict(
-        negative_prompt=negative_prompt or None,
-        guidance_scale=scale,
+        **guidance_arguments(pipe, scale, negative_prompt or None),
         num_inference_steps=steps,
         height=height,
         width=width,

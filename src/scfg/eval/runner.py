@@ -24,7 +24,7 @@ import torch
 
 from ..config import SCFGConfig, SCFGError
 from ..diagnostics import Recorder
-from ..integration import enable
+from ..integration import enable, guidance_arguments
 
 __all__ = ["METHODS", "Job", "merge_manifests", "plan_jobs", "read_manifest", "run_generation"]
 
@@ -102,7 +102,7 @@ def _generate_batch(pipe: Any, jobs: list[Job], steps: int, run: Path, extra: di
     with enable(pipe, METHODS[method], on_step=recorder):
         images = pipe(
             [j.prompt for j in jobs],
-            guidance_scale=scale,
+            **guidance_arguments(pipe, scale),
             num_inference_steps=steps,
             generator=[torch.Generator("cpu").manual_seed(j.seed) for j in jobs],
             **extra,

@@ -117,6 +117,11 @@ class Family:
         layout = CFGLayout("batched", ("uncond", "cond"), "uncond", scale)
         return layout if layout.is_guided else None
 
+    def guidance_arguments(self, scale: float, negative_prompt: Any = None) -> dict[str, Any]:
+        """The pipeline-call arguments that run CFG at `scale` with `negative_prompt` (the CLI, the web UI and
+        `scfg eval` call pipelines through this, so one `--scale` means the CFG scale on every family)."""
+        return {"guidance_scale": scale, "negative_prompt": negative_prompt}
+
     # -- one denoiser call ----------------------------------------------------------------------------------------
 
     def pass_context(self, denoiser: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> PassContext:

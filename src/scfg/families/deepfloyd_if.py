@@ -56,7 +56,9 @@ def joint_added_kv_attention(
     key = key.view(b, -1, heads, head_dim).transpose(1, 2)
     bias = None
     if attention_mask is not None:
-        bias = attn.prepare_attention_mask(attention_mask, key.shape[2], b)
+        # as the processor: the target length is the image tokens', so the [B, 1, T] text mask is padded with Q
+        # zeros to cover the [text; image] keys
+        bias = attn.prepare_attention_mask(attention_mask, x.shape[1], b)
         bias = bias.view(b, heads, -1, bias.shape[-1]).to(torch.promote_types(query.dtype, torch.float32))
     return AttentionRows(query, key, float(attn.scale), bias, **({} if budget is None else {"budget": budget}))
 

@@ -96,6 +96,11 @@ class FluxFamily(Family):
         layout = CFGLayout("separate", ("cond", "uncond"), "uncond", scale)
         return layout if layout.is_guided else None
 
+    def guidance_arguments(self, scale: float, negative_prompt: Any = None) -> dict[str, Any]:
+        # true CFG runs only with a negative prompt; an empty one is the usual unconditional prompt. FLUX.1-dev's
+        # `guidance_scale` is its distilled-guidance embedding and keeps the pipeline's default.
+        return {"true_cfg_scale": scale, "negative_prompt": "" if negative_prompt is None else negative_prompt}
+
     def pass_context(self, denoiser: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> PassContext:
         hidden_states = args[0] if args else kwargs["hidden_states"]
         ids = kwargs.get("img_ids")

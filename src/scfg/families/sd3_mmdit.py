@@ -41,7 +41,7 @@ def joint_image_query_attention(
     `JointAttnProcessor2_0`), as `AttentionRows`. Text queries are not needed and not formed."""
     hidden_states = call.input(0, "hidden_states")
     encoder_hidden_states = call.input(1, "encoder_hidden_states")
-    attention_mask = call.input(2, "attention_mask")
+    # `JointAttnProcessor2_0` takes an `attention_mask` argument but never applies it: neither does the mirror
     b = hidden_states.shape[0]
     heads = attn.heads
     query = attn.to_q(hidden_states)
@@ -57,11 +57,7 @@ def joint_image_query_attention(
         if attn.norm_added_k is not None:
             text_key = attn.norm_added_k(text_key)
         key = torch.cat([key, text_key], dim=2)
-    bias = None
-    if attention_mask is not None:
-        bias = attn.prepare_attention_mask(attention_mask, key.shape[2], b)
-        bias = bias.view(b, heads, -1, bias.shape[-1]).to(torch.promote_types(query.dtype, torch.float32))
-    return AttentionRows(query, key, float(attn.scale), bias, **({} if budget is None else {"budget": budget}))
+    return AttentionRows(query, key, float(attn.scale), **({} if budget is None else {"budget": budget}))
 
 
 def joint_image_query_probs(

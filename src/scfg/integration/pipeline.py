@@ -44,7 +44,14 @@ from ..engine import CFGLayout, MapAccumulator, PassMaps, Regions, guided_predic
 from ..families import LayerPair, ModelFamily, PassContext, family_for
 from ..tokens import WordScale, token_scale_tensor, validate_token_scales
 
-__all__ = ["DEFAULT_MEMORY_BUDGET", "SemanticGuidance", "enable", "express_guided", "resolve_config"]
+__all__ = [
+    "DEFAULT_MEMORY_BUDGET",
+    "SemanticGuidance",
+    "enable",
+    "express_guided",
+    "guidance_arguments",
+    "resolve_config",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +167,17 @@ def resolve_config(pipe: Any, config: SCFGConfig | str | None = None) -> SCFGCon
             f"{type(config).__name__}."
         )
     return config.resolve(family.preset_overrides(pipe))
+
+
+def guidance_arguments(pipe: Any, scale: float, negative_prompt: Any = None) -> dict[str, Any]:
+    """The arguments of a call of `pipe` that run CFG at `scale` with `negative_prompt`, for its model family
+    (`guidance_scale` for SD, `true_cfg_scale` and a negative prompt for FLUX, ...). A pipeline of no supported
+    family gets diffusers' usual `guidance_scale` and `negative_prompt` (plain CFG runs; `enable` refuses it)."""
+    try:
+        family = family_for(pipe)
+    except SCFGError:
+        return {"guidance_scale": scale, "negative_prompt": negative_prompt}
+    return family.guidance_arguments(scale, negative_prompt)
 
 
 def enable(
