@@ -185,3 +185,32 @@ def test_an_unpaired_pass_is_left_alone(tiny_sd):
     with scfg.enable(loop, layout=CFGLayout("separate", ("cond", "uncond"), "uncond", 5.0), on_step=recorder):
         loop(cond, uncond, latents.clone(), 5.0)
     assert [r.step for r in recorder.steps] == [1, 2]
+
+
+def test_temporal_smoothing_damps_one_frame_jumps_and_keeps_persistent_rates():
+    from scfg.rule import semantic_guidance
+    from scfg.segment import gaussian_kernel
+
+    torch.manual_seed(0)
+    u = torch.zeros(1, 2, 5, 2, 2, dtype=torch.float64)
+    c = torch.ones(1, 2, 5, 2, 2, dtype=torch.float64)
+    c[:, :, 2, 0, 0] = 4.0  # one cell of one frame has 4x the score norm of everything else
+    masks = torch.zeros(1, 2, 5, 2, 2, dtype=torch.float64)
+    masks[:, 0] = 1.0
+    masks[:, 0, 2, 0, 0], masks[:, 1, 2, 0, 0] = 0.0, 1.0  # that cell is its own region for that frame only
+    kwargs = dict(rate_clamp=None, max_effective_scale=None, smoothing=None)
+    sharp = semantic_guidance(u, c, masks, masks[:, :1], 5.0, **kwargs).rate_map
+    smooth = semantic_guidance(u, c, masks, masks[:, :1], 5.0, temporal_smoothing=0.5, **kwargs).rate_map
+    weights = gaussian_kernel(0.5, dtype=torch.float64)
+    jump = sharp[0, 0, 2, 0, 0] - sharp[0, 0, 1, 0, 0]
+    assert jump.abs() > 0.5  # the one-frame region really has another rate
+    # the centre tap keeps its weight of the jump and hands the side taps theirs, in float64 (a few ulps)
+    torch.testing.assert_close(smooth[0, 0, 2, 0, 0] - sharp[0, 0, 1, 0, 0], weights[1] * jump, rtol=1e-12, atol=0)
+    torch.testing.assert_close(smooth[0, 0, 1, 0, 0] - sharp[0, 0, 1, 0, 0], weights[0] * jump, rtol=1e-12, atol=0)
+    # cells whose rate never changes keep it exactly up to the kernel's sum (1 within 2 ulps)
+    torch.testing.assert_close(smooth[0, 0, :, 1, 1], sharp[0, 0, :, 1, 1], rtol=4e-16, atol=0)
+    # an image grid ignores the setting
+    img = semantic_guidance(u[:, :, 0], c[:, :, 0], masks[:, :, 0], masks[:, :1, 0], 5.0, temporal_smoothing=0.5)
+    assert torch.equal(
+        img.rate_map, semantic_guidance(u[:, :, 0], c[:, :, 0], masks[:, :, 0], masks[:, :1, 0], 5.0).rate_map
+    )

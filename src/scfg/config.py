@@ -76,6 +76,11 @@ class SCFGConfig:
             Bounds on the per-pixel rate. `None` is the paper's text (no clamp).
         max_effective_scale (`float | None`, defaults to `15.0`):
             Caps `guidance_scale * rate` (the released code's `rate <= 15 / g`). `None` disables the cap.
+        temporal_smoothing (`float | None`, defaults to `0.5`):
+            Video only (a grid of frames): `sigma` of the same 3-tap Gaussian applied to the final rate map along
+            the frames, after the spatial smoothing (docs/algorithm.md section 8). A cell whose region changes for
+            one frame would otherwise see its rate jump for that frame, which is flicker; a rate that persists is
+            unchanged (the weights sum to 1). `None` disables it; the `paper` preset has none. Images ignore it.
         token_scale_mode (`"multiply"` or `"replace"`, defaults to `"multiply"`):
             How per-word scales (`scfg.enable(..., token_scales=...)` or the `word:1.5` prompt syntax) act on their
             regions: multiply the automatic rate, or replace it.
@@ -106,6 +111,7 @@ class SCFGConfig:
     benchmark: Literal["foreground", "mean"] | Auto = AUTO
     rate_clamp: tuple[float, float] | Auto | None = AUTO
     max_effective_scale: float | Auto | None = AUTO
+    temporal_smoothing: float | Auto | None = AUTO
     token_scale_mode: Literal["multiply", "replace"] | Auto = AUTO
     start_fraction: float | Auto = AUTO
     stop_fraction: float | Auto = AUTO
@@ -269,6 +275,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "benchmark": _choice("foreground", "mean"),
     "rate_clamp": _optional(_rate_clamp),
     "max_effective_scale": _optional(_positive_real),
+    "temporal_smoothing": _optional(_positive_real),
     "token_scale_mode": _choice("multiply", "replace"),
     "start_fraction": _fraction,
     "stop_fraction": _fraction,
@@ -285,6 +292,7 @@ _EXPECTED = {
     "rate_map_smoothing": "as a number > 0 or None",
     "rate_clamp": "as None or two numbers (low, high) with 0 <= low <= high",
     "max_effective_scale": "as a finite number > 0 or None",
+    "temporal_smoothing": "as a number > 0 or None",
     "start_fraction": "as a number in [0, 1]",
     "stop_fraction": "as a number in [0, 1]",
     "mask_interval": "as an int >= 1 (1: every step)",
@@ -311,6 +319,7 @@ _OFFICIAL: dict[str, Any] = {
     "benchmark": "foreground",
     "rate_clamp": (0.8, 3.0),
     "max_effective_scale": 15.0,
+    "temporal_smoothing": 0.5,
     "token_scale_mode": "multiply",
     "start_fraction": 0.0,
     "stop_fraction": 1.0,
@@ -326,6 +335,7 @@ _BASE: dict[str, dict[str, Any]] = {
         "tie_break": "first",
         "rate_clamp": None,
         "max_effective_scale": None,
+        "temporal_smoothing": None,
     },
 }
 

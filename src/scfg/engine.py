@@ -231,6 +231,7 @@ def guided_prediction(
     smoothing: float | None = 0.5,
     token_scales: torch.Tensor | None = None,
     token_scale_mode: Literal["multiply", "replace"] = "multiply",
+    temporal_smoothing: float | None = None,
 ) -> GuidanceResult:
     """S-CFG's prediction `u + a · rate · (c - u)` for `pred_*` `[B, C, *grid]` (docs/algorithm.md steps 5-8), with
     `a` the layout's effective scale. Computed in float32 at least (float64 stays float64)."""
@@ -247,6 +248,7 @@ def guided_prediction(
         token_scales=token_scales,
         token_scale_mode=token_scale_mode,
         out_dtype=torch.promote_types(pred_cond.dtype, torch.float32),
+        temporal_smoothing=temporal_smoothing,
     )
 
 

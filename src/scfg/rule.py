@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-from .segment import smooth, upsample_masks
+from .segment import smooth, smooth_frames, upsample_masks
 
 __all__ = ["GuidanceResult", "apply_token_scales", "finish_rate_map", "region_rates", "semantic_guidance"]
 
@@ -141,6 +141,7 @@ def semantic_guidance(
     token_scales: torch.Tensor | None = None,
     token_scale_mode: Literal["multiply", "replace"] = "multiply",
     out_dtype: torch.dtype | None = None,
+    temporal_smoothing: float | None = None,
 ) -> GuidanceResult:
     """Apply per-region guidance scales: `pred_uncond + g * rate * (pred_cond - pred_uncond)` (steps 5-8).
 
@@ -157,6 +158,8 @@ def semantic_guidance(
             after the clamp and cap (the user asked for them) and before smoothing; see `apply_token_scales`.
         token_scale_mode (`str`): `"multiply"` or `"replace"`.
         out_dtype (`torch.dtype`, *optional*): dtype of `GuidanceResult.guided`; defaults to `pred_cond`'s.
+        temporal_smoothing (`float`, *optional*): on a grid of frames, `sigma` of the 3-tap Gaussian applied to the
+            rate map along the frames after the spatial smoothing (`segment.smooth_frames`); images ignore it.
 
     Returns:
         `GuidanceResult`.
@@ -186,7 +189,7 @@ def semantic_guidance(
     rate = finish_rate_map(rate, guidance_scale, rate_clamp, max_effective_scale, None)
     if token_scales is not None:
         rate = apply_token_scales(rate, token_masks, token_scales.to(rate.device), token_scale_mode)
-    rate = smooth(rate, smoothing)
+    rate = smooth_frames(smooth(rate, smoothing), temporal_smoothing)
     # 8. combine.
     guided = pred_uncond_hi + guidance_scale * rate * score
     return GuidanceResult(guided.to(out_dtype or pred_cond.dtype), rate, rates, region_norms, bench_norm)

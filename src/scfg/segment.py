@@ -27,6 +27,7 @@ __all__ = [
     "gaussian_kernel",
     "layer_maps",
     "smooth",
+    "smooth_frames",
     "upsample_masks",
 ]
 
@@ -115,6 +116,27 @@ def smooth(maps: torch.Tensor, sigma: float | None, size: int = 3) -> torch.Tens
     x = F.pad(x, (0, 0, pad, pad), mode="reflect" if h > pad else "replicate")
     x = F.conv2d(x, kernel.view(1, 1, size, 1))
     return x.reshape(shape).to(dtype)
+
+
+def smooth_frames(maps: torch.Tensor, sigma: float | None, size: int = 3) -> torch.Tensor:
+    """Smooth `maps` `[B, C, F, h, w]` with the same Gaussian along the frame axis (docs/algorithm.md section 8),
+    reflect padding (replication for a clip of one frame); grids without frames are returned as they are.
+
+    >>> x = torch.zeros(1, 1, 5, 1, 1); x[:, :, 2] = 1.0
+    >>> smooth_frames(x, 0.5).flatten()
+    tensor([0.0000, 0.2119, 0.5761, 0.2119, 0.0000])
+    """
+    if sigma is None or maps.ndim != 5:
+        return maps
+    dtype = maps.dtype
+    x = maps.to(torch.promote_types(dtype, torch.float32))
+    b, c, f, h, w = x.shape
+    kernel = gaussian_kernel(sigma, size, x.dtype).to(x.device)
+    pad = size // 2
+    x = x.permute(0, 1, 3, 4, 2).reshape(b * c * h * w, 1, f)
+    x = F.pad(x, (pad, pad), mode="reflect" if f > pad else "replicate")
+    x = F.conv1d(x, kernel.view(1, 1, size))
+    return x.reshape(b, c, h, w, f).permute(0, 1, 4, 2, 3).to(dtype)
 
 
 def layer_maps(

@@ -729,6 +729,7 @@ class SemanticGuidance:
                 smoothing=config.rate_map_smoothing,
                 token_scales=call.token_scales if matches else None,
                 token_scale_mode=config.token_scale_mode,
+                temporal_smoothing=config.temporal_smoothing,
             )
         if not (torch.isfinite(result.rate_map).all() and torch.isfinite(result.guided).all()):
             self._warn_once(
