@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from PIL import Image
 
@@ -141,3 +142,34 @@ def test_norm_spread_after_uses_the_applied_rate():
     assert torch.equal(before, report.norm_spread(after=True))
     report.rate_map[..., :12] = 2.0  # token 1 (left half) guided twice as much: norms 2 and 2
     assert float(report.norm_spread(after=True)) == 0.0 and float(before) > 0.3
+
+
+def test_video_reports_are_seen_frame_by_frame():
+    from scfg import SCFGError
+    from scfg.viz import rate_heatmap, region_map
+
+    masks = torch.zeros(1, 3, 2, 4, 6, dtype=torch.bool)
+    masks[0, 0, 0], masks[0, 1, 1] = True, True  # token 0 owns frame 0, token 1 frame 1
+    rate = torch.stack([torch.full((4, 6), 0.8), torch.linspace(1, 2, 24).view(4, 6)])[None, None]
+    report = StepReport(
+        step=0,
+        timestep=1.0,
+        guidance_scale=5.0,
+        token_masks=masks,
+        foreground_mask=masks[:, 1:2],
+        rate_map=rate,
+        token_rates=torch.ones(1, 3),
+        region_norms=torch.ones(1, 3),
+        benchmark_norm=torch.ones(1),
+    )
+    assert report.frames == 2 and report.frame(1).frames is None
+    assert torch.equal(report.frame(1).token_masks, masks[:, :, 1]) and torch.equal(
+        report.frame(-1).rate_map, rate[:, :, 1]
+    )
+    _, legend0 = region_map(report.frame(0))
+    _, legend1 = region_map(report.frame(1))
+    assert [label for label, _, _ in legend0] == ["token 0"] and [label for label, _, _ in legend1] == ["token 1"]
+    assert rate_heatmap(report.frame(1)).size == (6, 4)
+    with pytest.raises(SCFGError, match="frame index"):
+        report.frame(2)
+    assert report.norm_spread(after=True).shape == (1,)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -19,9 +20,9 @@ class StepReport:
         step: index of the step in the scheduler's timesteps (`None` if the timestep was not found there).
         timestep: the denoiser's timestep.
         guidance_scale: `g`.
-        token_masks: `[B, T, h, w]` bool regions on the mask grid.
-        foreground_mask: `[B, 1, h, w]` bool foreground on the mask grid.
-        rate_map: `[B, 1, H, W]` float32 final per-pixel rate on the latent grid.
+        token_masks: `[B, T, h, w]` bool regions on the mask grid (`[B, T, f, h, w]` for video).
+        foreground_mask: `[B, 1, h, w]` bool foreground on the mask grid (`[B, 1, f, h, w]` for video).
+        rate_map: `[B, 1, H, W]` float32 final per-pixel rate on the prediction's grid (`[B, 1, F, H, W]`).
         token_rates: `[B, T]` float32 per-region rate before clamps (0 for empty regions).
         region_norms: `[B, T]` float32 mean score norm per region (0 for empty regions).
         benchmark_norm: `[B]` float32 mean score norm of the benchmark region.
@@ -39,6 +40,28 @@ class StepReport:
     benchmark_norm: torch.Tensor
     tokens: list[list[str]] | None = None
 
+    @property
+    def frames(self) -> int | None:
+        """The number of frames of a video step's grid; None for an image."""
+        return int(self.token_masks.shape[2]) if self.token_masks.ndim == 5 else None
+
+    def frame(self, index: int) -> StepReport:
+        """This step seen on one frame of a video grid (an image report; the per-region rates and norms stay those
+        of the whole clip). An image report is returned as it is for frame 0."""
+        if self.frames is None:
+            if index != 0:
+                raise SCFGError(f"Expected frame 0 of an image step, but got frame {index}.")
+            return self
+        if not -self.frames <= index < self.frames:
+            raise SCFGError(f"Expected a frame index below {self.frames}, but got {index}.")
+        # the rate map's frames are the mask grid's (frames are never interpolated)
+        return dataclasses.replace(
+            self,
+            token_masks=self.token_masks[:, :, index],
+            foreground_mask=self.foreground_mask[:, :, index],
+            rate_map=self.rate_map[:, :, index],
+        )
+
     def norm_spread(self, after: bool = False) -> torch.Tensor:
         """Return `[B]` the coefficient of variation of the non-empty regions' mean score norms.
 
@@ -50,10 +73,11 @@ class StepReport:
         present = masks.flatten(2).any(dim=2)
         norms = self.region_norms
         if after:
-            size = self.rate_map.shape[-2:]
+            size = self.rate_map.shape[2:]
             up = torch.nn.functional.interpolate(masks, size=size, mode="nearest")
-            area = up.sum(dim=(2, 3)).clamp_min(1)
-            applied = (up * self.rate_map).sum(dim=(2, 3)) / area
+            cells = tuple(range(2, up.ndim))
+            area = up.sum(dim=cells).clamp_min(1)
+            applied = (up * self.rate_map).sum(dim=cells) / area
             norms = norms * applied
         spreads = []
         for values, keep in zip(norms, present, strict=True):

@@ -135,6 +135,7 @@ def region_map(
         The image and a legend of `(label, colour, area fraction)`, largest first. A word's area is the union of
         its tokens' masks, so with multi-hot ties the fractions can sum to more than 1.
     """
+    report = report.frame(0) if report.frames is not None else report  # a video: its first frame (`report.frame(f)`)
     masks = report.token_masks[index]  # [T, h, w]
     groups = _groups(report, index, group_words, show_special)
     group_of = torch.empty(masks.shape[0] + 1, dtype=torch.long)
@@ -157,7 +158,9 @@ def region_map(
 
 
 def rate_heatmap(report: StepReport, index: int = 0, size: tuple[int, int] | None = None) -> Image.Image:
-    """The final rate map as a blue (low) to red (high) heatmap (`RATE_COLOURS`), scaled to its own min-max."""
+    """The final rate map as a blue (low) to red (high) heatmap (`RATE_COLOURS`), scaled to its own min-max. A video
+    step shows its first frame (`report.frame(f)` for another)."""
+    report = report.frame(0) if report.frames is not None else report
     rate = report.rate_map[index, 0].float()
     lo, hi = float(rate.min()), float(rate.max())
     x = ((rate - lo) / (hi - lo)).numpy() if hi > lo else np.full(rate.shape, 0.5, dtype=np.float32)
