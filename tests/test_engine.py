@@ -214,3 +214,24 @@ def test_temporal_smoothing_damps_one_frame_jumps_and_keeps_persistent_rates():
     assert torch.equal(
         img.rate_map, semantic_guidance(u[:, :, 0], c[:, :, 0], masks[:, :, 0], masks[:, :1, 0], 5.0).rate_map
     )
+
+
+def test_masked_text_columns_are_skipped_without_changing_the_maps():
+    """Completion only for columns with attention: masked padding's columns are exactly 0 and stay so."""
+    from scfg.engine import MapAccumulator
+    from scfg.segment import average_layer_maps
+
+    torch.manual_seed(0)
+    cross = torch.rand(2, 12, 9, dtype=torch.float64)
+    cross[:, :, 5:] = 0.0  # padding, masked: exactly zero probability
+    cross = cross / cross.sum(-1, keepdim=True)
+    self_probs = torch.rand(2, 12, 12, dtype=torch.float64).softmax(-1)
+    accumulator = MapAccumulator((3, 4))
+    accumulator.add(cross, self_probs, (3, 4))
+    maps = accumulator.result()
+    token, fg = average_layer_maps([(cross, self_probs, (3, 4))], (3, 4))
+    # the same products over the same 12-term inner dimension, only fewer output columns: float64 GEMMs may block the
+    # columns differently, a few roundings of values <= 1 at most
+    torch.testing.assert_close(maps.token, token, rtol=0, atol=1e-14)
+    torch.testing.assert_close(maps.foreground, fg, rtol=0, atol=1e-14)
+    assert (maps.token[:, 5:] == 0).all()
