@@ -399,12 +399,14 @@ def sd3_inputs(transformer) -> dict:
 
 # block 1: a middle block (the family's default layers); block 3: the last, `context_pre_only` (no `to_add_out`)
 @pytest.mark.parametrize("block", [1, 3])
-def test_joint_image_query_attention_matches_joint_attn_processor(sd3_transformer, block):
+@pytest.mark.parametrize("reuse", [False, True], ids=["recomputed", "processor-projections"])
+def test_joint_image_query_attention_matches_joint_attn_processor(sd3_transformer, block, reuse):
     attn = sd3_transformer.transformer_blocks[block].attn
     assert type(attn.processor) is JointAttnProcessor2_0
     if sd3_transformer.config.qk_norm:
         assert all(norm is not None for norm in (attn.norm_q, attn.norm_k, attn.norm_added_q, attn.norm_added_k))
-    with record_layer(attn, projections=()) as record, torch.no_grad():
+    projections = ("to_q", "to_k", "add_k_proj") if reuse else ()  # the SD3 family reuses these
+    with record_layer(attn, projections=projections) as record, torch.no_grad():
         sd3_transformer(**sd3_inputs(sd3_transformer))
     with torch.no_grad():
         probs = assert_spy_rebuilds_output(attn, record)

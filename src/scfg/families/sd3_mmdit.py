@@ -44,20 +44,28 @@ def joint_image_query_attention(
     # `JointAttnProcessor2_0` takes an `attention_mask` argument but never applies it: neither does the mirror
     b = hidden_states.shape[0]
     heads = attn.heads
-    query = attn.to_q(hidden_states)
+    # the processor's own projections when it ran them on these inputs (a hook kept them), else recomputed
+    query = _own(call, attn, "to_q", hidden_states)
     head_dim = query.shape[-1] // heads
     query = query.view(b, -1, heads, head_dim).transpose(1, 2)
-    key = attn.to_k(hidden_states).view(b, -1, heads, head_dim).transpose(1, 2)
+    key = _own(call, attn, "to_k", hidden_states).view(b, -1, heads, head_dim).transpose(1, 2)
     if attn.norm_q is not None:
         query = attn.norm_q(query)
     if attn.norm_k is not None:
         key = attn.norm_k(key)
     if encoder_hidden_states is not None:
-        text_key = attn.add_k_proj(encoder_hidden_states).view(b, -1, heads, head_dim).transpose(1, 2)
+        text_key = _own(call, attn, "add_k_proj", encoder_hidden_states).view(b, -1, heads, head_dim).transpose(1, 2)
         if attn.norm_added_k is not None:
             text_key = attn.norm_added_k(text_key)
         key = torch.cat([key, text_key], dim=2)
     return AttentionRows(query, key, float(attn.scale), **({} if budget is None else {"budget": budget}))
+
+
+def _own(call: LayerCall, attn: nn.Module, name: str, inputs: torch.Tensor) -> torch.Tensor:
+    """The recorded output of projection `name` if the processor ran it on all of `inputs` (same batch and tokens),
+    else the projection recomputed from them."""
+    out = call.projections.get(name)
+    return out if out is not None and out.shape[:-1] == inputs.shape[:-1] else getattr(attn, name)(inputs)
 
 
 def joint_image_query_probs(
@@ -76,7 +84,7 @@ class SD3Family(SDUNetFamily):
 
     name = "sd3_mmdit"
     default_levels = (2,)
-    projections = ()  # the processor's projections are not reused: text queries are skipped instead
+    projections = ("to_q", "to_k", "add_k_proj")  # reused from the processor's own call (no text queries needed)
 
     def attention(self, module: nn.Module, call: LayerCall, context: PassContext | None, budget: int | None):
         return joint_image_query_attention(module, call, context, budget)
