@@ -145,6 +145,13 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--height", type=int, default=None)
     parser.add_argument("--width", type=int, default=None)
     parser.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    parser.add_argument(
+        "--frames",
+        type=int,
+        default=None,
+        help="video models: frames to generate (writes .mp4, or .gif with --out x.gif); default: an image",
+    )
+    parser.add_argument("--fps", type=int, default=16, help="frames per second of a written video (default 16)")
     parser.add_argument("--preset", choices=["official", "paper"], default="official")
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument(
@@ -236,6 +243,8 @@ _COUNTS = {  # dest -> flag; the integer flags that must be >= 1
     "seeds": "--seeds",
     "limit": "--limit",
     "fid_size": "--fid-size",
+    "frames": "--frames",
+    "fps": "--fps",
 }
 _SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 
@@ -504,18 +513,26 @@ def _prompt(args: argparse.Namespace) -> str:
     return prompt
 
 
-def _output_paths(out: str, stem: str, count: int, extras: tuple[str, ...] = ()) -> tuple[list[Path], list[Path]]:
-    """The PNGs a command writes (one per image) and, per PNG, its companions (`<png stem><extra>`). Creates
-    nothing: `_check_writable` checks them all before anything is generated."""
+def _output_paths(
+    out: str, stem: str, count: int, extras: tuple[str, ...] = (), video: bool = False
+) -> tuple[list[Path], list[Path]]:
+    """The files a command writes (one PNG per image, one .mp4 or .gif per video) and, per file, its companions
+    (`<stem><extra>`). Creates nothing: `_check_writable` checks them all before anything is generated."""
     target = Path(out)
-    if target.suffix.lower() == ".png":
-        paths = [target] if count == 1 else [target.with_name(f"{target.stem}-{i}.png") for i in range(count)]
+    suffixes = (".mp4", ".gif") if video else (".png",)
+    if target.suffix.lower() in suffixes:
+        suffix = target.suffix.lower()
+        paths = [target] if count == 1 else [target.with_name(f"{target.stem}-{i}{suffix}") for i in range(count)]
     else:
+        if target.suffix.lower() in (".png", ".mp4", ".gif"):
+            kind = "a video (--frames): a folder, .mp4 or .gif" if video else "an image: a folder or a .png"
+            raise SCFGError(f"Expected `--out` for {kind} path, but got {out!r}. Pass another --out.")
         if target.exists() and not target.is_dir():
             raise SCFGError(
-                f"Expected `--out` to be a folder or a .png path, but {out!r} is a file. Pass another --out."
+                f"Expected `--out` to be a folder or a {'/'.join(suffixes)} path, but {out!r} is a file. Pass another "
+                "--out."
             )
-        paths = [target / f"{stem}-{i}.png" for i in range(count)]
+        paths = [target / f"{stem}-{i}{suffixes[0]}" for i in range(count)]
     companions = [Path(f"{path.with_suffix('')}{extra}") for path in paths for extra in extras]
     return paths, companions
 
@@ -607,10 +624,16 @@ def _generate(pipe: Any, args: argparse.Namespace, prompt: str, config: SCFGConf
         width=args.width,
         generator=torch.Generator("cpu").manual_seed(args.seed),
     )
+    frames = getattr(args, "frames", None)
+    if frames is not None:  # a video pipeline: clips of frames, one per video
+        kwargs.update(num_frames=frames, output_type="np")
+        kwargs["num_videos_per_prompt"] = kwargs.pop("num_images_per_prompt")
     if config is None:
-        return pipe(**kwargs).images
-    with enable(pipe, config, on_step=on_step, token_scales=scales or None):
-        return pipe(**kwargs).images
+        output = pipe(**kwargs)
+    else:
+        with enable(pipe, config, on_step=on_step, token_scales=scales or None):
+            output = pipe(**kwargs)
+    return list(output.frames) if frames is not None else output.images
 
 
 # diffusers scheduler -> the sampler name in A1111 infotext (diffusers' scheduler docs give the same mapping)
@@ -672,16 +695,64 @@ def _metadata(
     }
 
 
+def _check_video(pipe: Any, args: argparse.Namespace, paths: list[Path]) -> None:
+    """`--frames` needs a pipeline that takes `num_frames`, and PyAV for .mp4; an image pipeline refuses --frames."""
+    import inspect
+
+    takes_frames = "num_frames" in inspect.signature(type(pipe).__call__).parameters
+    if args.frames is not None and not takes_frames:
+        raise SCFGError(
+            f"Expected a video pipeline for `--frames`, but {type(pipe).__name__} generates images. Drop --frames."
+        )
+    if args.frames is None and takes_frames:
+        raise SCFGError(f"Expected `--frames N` for the video pipeline {type(pipe).__name__}, but got none.")
+
+
+def _require_video_writer(paths: list[Path]) -> None:
+    if any(p.suffix.lower() == ".mp4" for p in paths):
+        try:
+            import av  # noqa: F401
+        except ImportError:
+            raise SCFGError(
+                'Expected PyAV to write .mp4 (`pip install "semantic-cfg[video]"`), but it is not installed. Install '
+                "it, or pass --out clip.gif."
+            ) from None
+
+
+def _write_clips(clips: list, paths: list[Path], args: argparse.Namespace, metadata: dict[str, Any]) -> None:
+    from .video import write_video
+
+    tags = {"parameters": _infotext(metadata), "scfg": json.dumps(metadata, sort_keys=True)}
+    for clip, path in zip(clips, paths, strict=True):
+        if path.exists() and not args.overwrite:
+            raise SCFGError(
+                f"Expected new output files, but {str(path)!r} appeared while generating. Pass --overwrite or another "
+                "--out."
+            )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_video(list(clip), path, fps=args.fps, metadata=tags)
+        print(path)
+
+
 def cmd_generate(args: argparse.Namespace) -> list[Path]:
     prompt = _prompt(args)
     config = _config(args) if args.guidance == "scfg" else None
     validate_args(args)
-    paths, _ = _output_paths(args.out, f"{args.guidance}-seed{args.seed}", args.num_images)
+    video = args.frames is not None
+    paths, _ = _output_paths(args.out, f"{args.guidance}-seed{args.seed}", args.num_images, video=video)
     _check_writable(paths, args.overwrite)
+    if video:
+        _require_video_writer(paths)
     pipe = load_pipeline(args.model, args.device, args.dtype)
+    _check_video(pipe, args, paths)
     _check_size_for_model(pipe, args)
-    config = _resolved(pipe, config)  # the model family's preset values, recorded in the PNG as used
+    config = _resolved(pipe, config)  # the model family's preset values, recorded in the file as used
     set_scheduler(pipe, args.scheduler)
+    if video:
+        clips = _generate(pipe, args, prompt, config)
+        height, width = clips[0].shape[1:3]
+        _write_clips(clips, paths, args, _metadata(args, prompt, args.guidance, config, pipe, (width, height)))
+        return paths
     images = _generate(pipe, args, prompt, config)
     info = _png_info(_metadata(args, prompt, args.guidance, config, pipe, images[0].size))
     for image, path in zip(images, paths, strict=True):
@@ -701,6 +772,8 @@ def cmd_compare(args: argparse.Namespace) -> list[Path]:
     prompt = _prompt(args)
     config = _config(args)
     validate_args(args)
+    if args.frames is not None:
+        return _compare_video(args, prompt, config)
     if args.show_regions:
         _require_matplotlib("--show-regions")
     extras = REGION_FILES if args.show_regions else ()
@@ -731,6 +804,57 @@ def cmd_compare(args: argparse.Namespace) -> list[Path]:
             with _new_file(rates_png, args.overwrite) as file:
                 rate_curves(recorder.steps, i).save(file, format="PNG")
             print(f"{steps_png}\n{steps_gif}\n{rates_png}")
+    return paths
+
+
+def _compare_video(args: argparse.Namespace, prompt: str, config: SCFGConfig) -> list[Path]:
+    """`compare --frames N`: CFG | S-CFG | the last step's regions, frame by frame, as one clip per video; with
+    `--show-regions`, a `-regions` clip beside it: the region map and the rate map of every frame."""
+    import numpy as np
+    from PIL import Image
+
+    from .diagnostics import Recorder
+    from .viz import rate_heatmap, region_map
+
+    paths, _ = _output_paths(args.out, f"compare-seed{args.seed}", args.num_images, video=True)
+    companions = [p.with_name(f"{p.stem}-regions{p.suffix}") for p in paths] if args.show_regions else []
+    _check_writable(paths + companions, args.overwrite)
+    _require_video_writer(paths)
+    pipe = load_pipeline(args.model, args.device, args.dtype)
+    _check_video(pipe, args, paths)
+    _check_size_for_model(pipe, args)
+    config = _resolved(pipe, config)
+    set_scheduler(pipe, args.scheduler)
+    cfg_clips = _generate(pipe, args, prompt, None)
+    recorder = Recorder(max_steps=1)
+    scfg_clips = _generate(pipe, args, prompt, config, on_step=recorder)
+    last = recorder.steps[-1] if recorder.steps else None
+    height, width = cfg_clips[0].shape[1:3]
+    metadata = _metadata(args, prompt, "compare", config, pipe, (width, height))
+
+    def as_image(frame: Any) -> Image.Image:
+        return Image.fromarray((np.clip(frame, 0, 1) * 255).round().astype(np.uint8))
+
+    def regions_of(i: int, f: int, frames: int) -> tuple[Image.Image, Image.Image]:
+        # the mask grid has the latent's frames (temporally compressed): video frame f shows latent frame f * F' / F
+        report = last.frame(min(last.frames - 1, f * last.frames // frames)) if last.frames else last
+        return region_map(report, i, (width, height))[0], rate_heatmap(report, i, (width, height))
+
+    panels, region_clips = [], []
+    for i, (cfg_clip, scfg_clip) in enumerate(zip(cfg_clips, scfg_clips, strict=True)):
+        frames, clip, regions = len(cfg_clip), [], []
+        for f in range(frames):
+            parts = [as_image(cfg_clip[f]), as_image(scfg_clip[f])]
+            if last is not None:
+                region, rate = regions_of(i, f, frames)
+                parts.append(region)
+                regions.append(np.hstack([np.asarray(region), np.asarray(rate)]))
+            clip.append(np.hstack([np.asarray(p.convert("RGB")) for p in parts]))
+        panels.append(clip)
+        region_clips.append(regions)
+    _write_clips(panels, paths, args, metadata)
+    if args.show_regions and last is not None:
+        _write_clips(region_clips, companions, args, metadata)
     return paths
 
 

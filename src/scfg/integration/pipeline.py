@@ -421,27 +421,6 @@ class SemanticGuidance:
                 "the prompt's words."
             )
         prompts = None if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt)
-        scale = arguments.get("guidance_scale")
-        if isinstance(scale, int | float) and not isinstance(scale, bool) and math.isinf(scale) and scale > 0:
-            raise SCFGError(
-                f"Expected a finite `guidance_scale`, but got {scale!r}. S-CFG caps `g * rate` at "
-                f"{self.config.max_effective_scale} anyway; pass a number such as 7.5."
-            )
-        return _Call(
-            prompts=prompts,
-            images_per_prompt=int(arguments.get("num_images_per_prompt") or 1),
-            guidance_scale=float(scale) if isinstance(scale, int | float) else None,
-        )
-
-    def _begin_call(self, arguments: dict[str, Any]) -> _Call:
-        """Check the call's arguments that S-CFG reads, at the door, and open its state."""
-        prompt = arguments.get("prompt")
-        if self.token_scales is not None and prompt is None:
-            raise SCFGError(
-                "Expected a text `prompt` with `token_scales`, but got none (prompt_embeds?). Per-word scales need "
-                "the prompt's words."
-            )
-        prompts = None if prompt is None else [prompt] if isinstance(prompt, str) else list(prompt)
         for name in ("guidance_scale", "true_cfg_scale", "guidance_scale_2"):
             scale = arguments.get(name)
             if isinstance(scale, int | float) and not isinstance(scale, bool) and math.isinf(scale) and scale > 0:
@@ -451,7 +430,10 @@ class SemanticGuidance:
                 )
         return _Call(
             prompts=prompts,
-            images_per_prompt=int(arguments.get("num_images_per_prompt") or 1),
+            # video pipelines call them videos
+            images_per_prompt=int(
+                arguments.get("num_images_per_prompt") or arguments.get("num_videos_per_prompt") or 1
+            ),
             arguments=arguments,
         )
 
@@ -558,7 +540,10 @@ class SemanticGuidance:
             if not guided:
                 return
         current = _Pass(name, role, layout, context, step, timestep, reuse)
-        if not reuse:
+        # a separate pass whose maps the config never reads (token and foreground both from the cond pass) captures
+        # nothing: only its prediction is needed
+        needed = role == "batch" or role in (self.config.token_source, self.config.foreground_source)
+        if not reuse and needed:
             current.accumulator = MapAccumulator(
                 level_grid(context.grid, min(self.levels)),
                 self.config.completion,
@@ -664,9 +649,13 @@ class SemanticGuidance:
                 held.maps, held.prediction = maps, pred
             return output
         call.held = None
-        if held is None or held.prediction is None or (maps is None) != (held.maps is None):
+        if held is None or held.prediction is None:
             return output
-        by_role = None if maps is None else {held.role: held.maps, current.role: maps}  # type: ignore[dict-item]
+        by_role = {r: m for r, m in ((held.role, held.maps), (current.role, maps)) if m is not None}
+        if current.reuse:
+            by_role = None  # the step reuses the call's last regions
+        elif not {self.config.token_source, self.config.foreground_source} <= by_role.keys():
+            return output  # a pass the regions need captured nothing (it raised, or the config changed): no guidance
         first, last = held.prediction, pred
         u, c = (first, last) if held.role == "uncond" else (last, first)
         if self.deliver == "caller":  # the caller (a guider) combines the predictions itself: keep the maps
