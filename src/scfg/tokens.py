@@ -311,6 +311,9 @@ def _token_locator(tokenizer: Any, ids: list[int], prompt: str) -> Callable[[int
     lead = next(
         (i for i in range(len(with_special) - len(without) + 1) if with_special[i : i + len(without)] == without), 0
     )
+    if getattr(tokenizer, "padding_side", "right") == "left":  # ChatGLM (Kolors): the pads come first in `ids`
+        pad = tokenizer.pad_token_id
+        lead += next((i for i, token in enumerate(ids) if token != pad), 0)
 
     def from_prefixes(start: int, end: int) -> list[int]:
         before = tokenizer(prompt[:start], add_special_tokens=False).input_ids

@@ -46,6 +46,8 @@ SPECIAL_TOKENS = {  # start, end and padding tokens (CLIP, T5) -> their label wh
     "<s>": "<start>",
     "</s>": "<end>",
     "<pad>": "<pad>",
+    "[gMASK]": "[gMASK]",  # ChatGLM3 (Kolors): the prefix before the words
+    "sop": "sop",
 }
 OTHER_COLOUR = (150, 150, 150)  # the "other" entry (start, end and padding tokens together)
 RATE_COLOURS = ((0, 40, 255), (255, 40, 0))  # `rate_heatmap`: its lowest and highest rate, linear in RGB between

@@ -106,6 +106,9 @@ class Family:
         Read on every pass: pipelines set `guidance_scale` during the call, and some (Wan 2.2) change it between
         denoisers.
         """
+        if getattr(pipe, "do_perturbed_attention_guidance", False):
+            # PAG's batch is [uncond, cond, perturbed]: not a CFG batch of two halves; left alone
+            return None
         try:
             if not pipe.do_classifier_free_guidance:
                 return None
