@@ -1,9 +1,15 @@
 """Per-step cost of S-CFG against plain CFG on full-size denoisers with random weights (no download).
 
     python benchmarks/overhead.py --model sd15 --reps 5            # SD 1.5 UNet at 512x512, float32 CPU
-    python benchmarks/overhead.py --model sdxl --reps 3            # SDXL UNet at 1024x1024
+    python benchmarks/overhead.py --model sdxl --reps 3            # SDXL UNet at 1024x1024 (Kolors: --model kolors)
     python benchmarks/overhead.py --model pixart-sigma --size 512  # PixArt-Sigma, SD3-medium: --model sd3
     python benchmarks/overhead.py --model flux --size 512 --flux-blocks 2  # FLUX.1 true CFG, cut to 2 + 4 blocks
+    python benchmarks/overhead.py --model chroma --size 512  # Chroma (FLUX.2 [klein]: flux2-klein), 2 + 4 blocks
+    python benchmarks/overhead.py --model qwen-image --size 512  # Qwen-Image true CFG, cut to 4 of 60 blocks
+    python benchmarks/overhead.py --model wan --device cuda  # Wan 2.1 1.3B, 17 frames at 480x832, 4 of 30 blocks
+    python benchmarks/overhead.py --model ltx  # LTX-Video 0.9, 25 frames at 512x768, 4 of 28 blocks
+    python benchmarks/overhead.py --model z-image --size 512  # Z-Image (list CFG; Krea 2: krea2), 4 blocks
+    python benchmarks/overhead.py --model hunyuan-video15 --device cuda  # 33 frames at 480x848, 4 of 54 blocks
     python benchmarks/overhead.py --model sd15 --device cuda --dtype float16
 
 Methods, interleaved A B C A B C ... after a warm-up, median over `--reps` steps each:
@@ -64,6 +70,24 @@ SDXL_UNET = dict(  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
     addition_time_embed_dim=256,
     projection_class_embeddings_input_dim=2816,
 )
+KOLORS_UNET = dict(  # Kwai-Kolors/Kolors-diffusers unet/config.json: SDXL's UNet, ChatGLM3 states projected in
+    sample_size=128,
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(320, 640, 1280),
+    layers_per_block=2,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048,
+    encoder_hid_dim=4096,  # ChatGLM3-6B's hidden size, projected to 2048 by the UNet ("text_proj")
+    encoder_hid_dim_type="text_proj",
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=256,
+    projection_class_embeddings_input_dim=5632,  # 6 time ids x 256 + ChatGLM's pooled 4096
+)
 PIXART_SIGMA = dict(  # PixArt-alpha/PixArt-Sigma-XL-2-1024-MS transformer/config.json
     num_attention_heads=16,
     attention_head_dim=72,
@@ -92,6 +116,96 @@ FLUX_DEV = dict(  # black-forest-labs/FLUX.1-dev transformer/config.json, 19 + 3
     guidance_embeds=True,
     axes_dims_rope=(16, 56, 56),
 )
+CHROMA_HD = dict(  # lodestones/Chroma1-HD (ChromaTransformer2DModel's defaults), 19 + 38 blocks, --flux-blocks
+    patch_size=1,
+    in_channels=64,
+    num_layers=19,
+    num_single_layers=38,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=4096,
+    axes_dims_rope=(16, 56, 56),
+    approximator_num_channels=64,
+    approximator_hidden_dim=5120,
+    approximator_layers=5,
+)
+FLUX2_KLEIN_4B = dict(  # FLUX.2 [klein] (base) 4B: diffusers' scripts/convert_flux2_to_diffusers.py "klein-4b"
+    patch_size=1,
+    in_channels=128,
+    num_layers=5,
+    num_single_layers=20,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=7680,  # Qwen3-4B's layers 9, 18 and 27 side by side (3 x 2560)
+    timestep_guidance_channels=256,
+    mlp_ratio=3.0,
+    axes_dims_rope=(32, 32, 32, 32),
+    rope_theta=2000,
+    eps=1e-6,
+    guidance_embeds=False,
+)
+WAN21_1_3B = dict(  # Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json, 30 blocks cut to _WAN_BLOCKS
+    patch_size=(1, 2, 2),
+    num_attention_heads=12,
+    attention_head_dim=128,
+    in_channels=16,
+    out_channels=16,
+    text_dim=4096,
+    freq_dim=256,
+    ffn_dim=8960,
+    num_layers=30,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    rope_max_seq_len=1024,
+)
+QWEN_IMAGE = dict(  # Qwen/Qwen-Image transformer/config.json, 60 double-stream blocks cut to _QWEN_BLOCKS
+    patch_size=2,
+    in_channels=64,
+    out_channels=16,
+    num_layers=60,
+    attention_head_dim=128,
+    num_attention_heads=24,
+    joint_attention_dim=3584,
+    guidance_embeds=False,
+    axes_dims_rope=(16, 56, 56),
+)
+LTX_VIDEO = dict(  # Lightricks/LTX-Video (0.9) transformer/config.json, 28 blocks cut to _LTX_BLOCKS
+    in_channels=128,
+    out_channels=128,
+    patch_size=1,
+    patch_size_t=1,
+    num_attention_heads=32,
+    attention_head_dim=64,
+    cross_attention_dim=2048,
+    num_layers=28,
+    activation_fn="gelu-approximate",
+    qk_norm="rms_norm_across_heads",
+    norm_elementwise_affine=False,
+    norm_eps=1e-6,
+    caption_channels=4096,
+    attention_bias=True,
+    attention_out_bias=True,
+)
+HUNYUAN_VIDEO15 = dict(  # hunyuanvideo-community/HunyuanVideo-1.5-Diffusers-480p_t2v transformer (8.3B, 54 blocks)
+    in_channels=65,  # 32 latent channels, 32 of the condition latent, 1 mask
+    out_channels=32,
+    num_attention_heads=16,
+    attention_head_dim=128,
+    num_layers=54,
+    num_refiner_layers=2,
+    mlp_ratio=4.0,
+    patch_size=1,
+    patch_size_t=1,
+    qk_norm="rms_norm",
+    text_embed_dim=3584,  # Qwen2.5-VL-7B
+    text_embed_2_dim=1472,  # byT5 glyph encoder
+    image_embed_dim=1152,  # SigLIP
+    rope_theta=256.0,
+    rope_axes_dim=(16, 56, 56),
+    target_size=640,
+    task_type="t2v",
+)
 SD3_MEDIUM = dict(  # stabilityai/stable-diffusion-3-medium-diffusers transformer/config.json
     sample_size=128,
     patch_size=2,
@@ -118,7 +232,7 @@ class Model:
     inputs: Callable[[int, torch.device, torch.dtype], dict]
     holder: tuple[str, ...]
     naive: bool  # prior art exists (UNets): measure the naive approach too
-    passes: str = "batched"  # how its pipeline runs CFG: one [uncond, cond] batch, or "separate" cond/uncond passes
+    passes: str = "batched"  # how its pipeline runs CFG: one [uncond, cond] batch, "separate" passes, or "list"
 
 
 def _unet(config):
@@ -155,6 +269,19 @@ def _sdxl_inputs(latent, device, dtype):
         timestep=torch.tensor(500, device=device),
         encoder_hidden_states=torch.randn(2, 77, 2048, device=device, dtype=dtype),
         added_cond_kwargs={"text_embeds": torch.randn(2, 1280, device=device, dtype=dtype), "time_ids": time_ids},
+    )
+
+
+def _kolors_inputs(latent, device, dtype):
+    # 256 ChatGLM3 tokens (KolorsPipeline's `max_sequence_length`), 4096 wide: the UNet projects them itself. The
+    # whole UNet fits (SDXL-sized, ~10 GB in float32): the ratio is the full model's.
+    size = latent * 8
+    time_ids = torch.tensor([[size, size, 0, 0, size, size]] * 2, device=device, dtype=dtype)
+    return dict(
+        sample=torch.randn(2, 4, latent, latent, device=device, dtype=dtype),
+        timestep=torch.tensor(500, device=device),
+        encoder_hidden_states=torch.randn(2, 256, 4096, device=device, dtype=dtype),
+        added_cond_kwargs={"text_embeds": torch.randn(2, 4096, device=device, dtype=dtype), "time_ids": time_ids},
     )
 
 
@@ -210,9 +337,305 @@ def _flux_inputs(latent, device, dtype):
     )
 
 
+def _chroma(config):
+    def build():
+        from diffusers import ChromaTransformer2DModel
+
+        # FLUX.1's block structure (8.9B parameters, 36 GB in float32): cut like FLUX to --flux-blocks k double- and
+        # 2k single-stream blocks, every width, head count, the approximator and the 512-token text kept. S-CFG's
+        # extra work is per captured double-stream block (the middle half: 11 of the full 19, all k here) and the
+        # step's cost per block (a single-stream block costs about half a double one), so (time ratio - 1)
+        # transfers to the full model multiplied by (11 / k) / (38 / 2k) = 0.58 at k = 2, as for FLUX.1.
+        blocks = int(_FLUX_BLOCKS[0])
+        return ChromaTransformer2DModel(**{**config, "num_layers": blocks, "num_single_layers": 2 * blocks})
+
+    return build
+
+
+_CHROMA_KEPT = 66  # T5 positions Chroma keeps of 512: a 64-token prompt, `</s>` and one pad; the rest masked
+
+
+def _chroma_inputs(latent, device, dtype):
+    inputs = _flux_inputs(latent, device, dtype)
+    del inputs["pooled_projections"], inputs["guidance"]  # Chroma has neither
+    tokens = inputs["hidden_states"].shape[1]
+    # as ChromaPipeline builds it: the kept text positions, then every image token, in the embeddings' dtype
+    mask = torch.ones(1, 512 + tokens, device=device, dtype=dtype)
+    mask[:, _CHROMA_KEPT:512] = 0
+    return {**inputs, "attention_mask": mask}
+
+
+def _flux2_klein(config):
+    def build():
+        from diffusers import Flux2Transformer2DModel
+
+        # The whole 4B model fits in 24 GiB in float32 (15 GB), but a CPU step of it takes minutes: cut like FLUX to
+        # --flux-blocks k double- and 2k single-stream blocks, every width, head count and the 512-token text kept.
+        # S-CFG's extra work is per captured double-stream block (those after the first quarter: 4 of the full 5,
+        # both at k = 2) and the step's cost per block (a single-stream block has about half a double one's
+        # weights), so (time ratio - 1) transfers to the full model multiplied by (4 / 15) / (2 / 4) = 0.53 at
+        # k = 2 (full: 5 + 20 / 2 = 15 double-block units; cut: 2 + 4 / 2 = 4).
+        blocks = int(_FLUX_BLOCKS[0])
+        return Flux2Transformer2DModel(**{**config, "num_layers": blocks, "num_single_layers": 2 * blocks})
+
+    return build
+
+
+def _flux2_klein_inputs(latent, device, dtype):
+    grid = latent // 2  # the 32-channel latent (size / 8) patchified 2x2 into 128 channels
+    ids = torch.cartesian_prod(torch.arange(1), torch.arange(grid), torch.arange(grid), torch.arange(1))
+    text_ids = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(512))
+    return dict(
+        hidden_states=torch.randn(1, grid * grid, 128, device=device, dtype=dtype),
+        encoder_hidden_states=torch.randn(1, 512, 7680, device=device, dtype=dtype),  # not masked: all 512 attended
+        timestep=torch.tensor([0.5], device=device, dtype=dtype),  # the pipeline passes t / 1000
+        img_ids=ids.to(device),
+        txt_ids=text_ids.to(device),
+        guidance=None,
+    )
+
+
+def _wan(config):
+    def build():
+        from diffusers import WanTransformer3DModel
+
+        # Cut to _WAN_BLOCKS of the 30 blocks (every width, head count and the 512-token text kept), so that a CPU
+        # run stays short; the full 1.3B model also fits in 24 GiB in float32. S-CFG's extra work is per captured
+        # block (the middle half: 16 of the full 30, blocks 7-22; 2 of 4 here) and the step's cost per block, so
+        # (time ratio - 1) transfers to the full model multiplied by (16 / 30) / (2 / 4) = 1.07.
+        return WanTransformer3DModel(**{**config, "num_layers": _WAN_BLOCKS})
+
+    return build
+
+
+_WAN_BLOCKS = 4
+_WAN_FRAMES = 17  # video frames: (17 - 1) / 4 + 1 = 5 latent frames
+
+
+def _wan_inputs(latent, device, dtype):
+    # `--size` is the height; the width keeps Wan's 480x832 aspect (60x104 latent at 480), even for the 2x2 patch
+    width = 2 * round(latent * 832 / 480 / 2)
+    frames = (_WAN_FRAMES - 1) // 4 + 1
+    return dict(
+        hidden_states=torch.randn(1, 16, frames, latent, width, device=device, dtype=dtype),
+        encoder_hidden_states=torch.randn(1, 512, 4096, device=device, dtype=dtype),  # no zero padding: all 512 real
+        timestep=torch.tensor([500], device=device),
+    )
+
+
+def _qwen_image(config):
+    def build():
+        from diffusers import QwenImageTransformer2DModel
+
+        # The whole 20B model (1.4 GB of float32 weights per block) does not fit in 24 GiB: cut to _QWEN_BLOCKS of
+        # the 60 identical double-stream blocks, every width, head count and the text width kept. S-CFG's extra work
+        # is per captured block (the middle half: 30 of the full 60, blocks 15-44; 2 of 4 here, blocks 1-2) and the
+        # step's cost per block, so (time ratio - 1) transfers to the full model multiplied by (30 / 60) / (2 / 4)
+        # = 1; the per-step segmentation and rate rule are then spread over 15 times the work.
+        return QwenImageTransformer2DModel(**{**config, "num_layers": _QWEN_BLOCKS})
+
+    return build
+
+
+_QWEN_BLOCKS = 4
+_QWEN_TEXT = 256  # Qwen-Image does not pad a single prompt: a long prompt plus the template's 5 closing tokens
+
+
+def _qwen_image_inputs(latent, device, dtype):
+    grid = latent // 2  # 2x2 packed tokens of the 16-channel latent
+    return dict(
+        hidden_states=torch.randn(1, grid * grid, 64, device=device, dtype=dtype),
+        encoder_hidden_states=torch.randn(1, _QWEN_TEXT, 3584, device=device, dtype=dtype),
+        timestep=torch.tensor([0.5], device=device, dtype=dtype),  # the pipeline passes t / 1000
+        img_shapes=[[(1, grid, grid)]],
+    )
+
+
+def _ltx(config):
+    def build():
+        from diffusers import LTXVideoTransformer3DModel
+
+        # Cut to _LTX_BLOCKS of the 28 identical blocks (every width, head count and the 128-token text kept), so
+        # that a CPU step takes seconds, not minutes; the full 1.9B model also fits in 24 GiB in float32. S-CFG's
+        # extra work is per captured block (the middle half: 14 of the full 28, blocks 7-20; 2 of 4 here, blocks
+        # 1-2) and the step's cost per block, so (time ratio - 1) transfers to the full model multiplied by
+        # (14 / 28) / (2 / 4) = 1; the per-step segmentation and rate rule are then spread over 7 times the work.
+        return LTXVideoTransformer3DModel(**{**config, "num_layers": _LTX_BLOCKS})
+
+    return build
+
+
+_LTX_BLOCKS = 4
+_LTX_FRAMES = 25  # video frames: (25 - 1) / 8 + 1 = 4 latent frames
+_LTX_TEXT = 128  # LTXPipeline's default max_sequence_length
+
+
+def _ltx_inputs(latent, device, dtype):
+    # `--size` is the height; the width keeps 512x768's aspect. LTX's VAE compresses 32x in space (the harness's
+    # `latent` is size / 8) and 8x in time; tokens are packed [B, F·H·W, 128] (patch sizes 1 and 1)
+    height = latent // 4
+    width = 2 * round(height * 768 / 512 / 2)
+    frames = (_LTX_FRAMES - 1) // 8 + 1
+    return dict(
+        hidden_states=torch.randn(2, frames * height * width, 128, device=device, dtype=dtype),
+        encoder_hidden_states=torch.randn(2, _LTX_TEXT, 4096, device=device, dtype=dtype),
+        encoder_attention_mask=torch.ones(2, _LTX_TEXT, device=device, dtype=dtype),  # no padding: all 128 real
+        timestep=torch.tensor([500, 500], device=device),
+        num_frames=frames,
+        height=height,
+        width=width,
+        rope_interpolation_scale=(8 / 25, 32, 32),  # (temporal compression / frame rate, spatial, spatial)
+    )
+
+
+def _hunyuan_video15(config):
+    def build():
+        from diffusers import HunyuanVideo15Transformer3DModel
+
+        # The 8.3B model (0.6 GB of float32 weights per block) does not fit in 24 GiB in float32: cut to
+        # _HUNYUAN_BLOCKS of the 54 identical dual-stream blocks (every width, head count and the 1985-position text
+        # kept). S-CFG's extra work is per captured block (the middle half: 28 of the full 54, blocks 13-40; 2 of 4
+        # here, blocks 1-2) and the step's cost per block, so (time ratio - 1) transfers to the full model multiplied
+        # by (28 / 54) / (2 / 4) = 1.04; the per-step segmentation and rate rule are then spread over 13 times the
+        # work. Only the cond pass captures (this family's presets take tokens and foreground from it).
+        return HunyuanVideo15Transformer3DModel(**{**config, "num_layers": _HUNYUAN_BLOCKS})
+
+    return build
+
+
+_HUNYUAN_BLOCKS = 4
+_HUNYUAN_FRAMES = 33  # video frames: (33 - 1) / 4 + 1 = 9 latent frames
+_HUNYUAN_PROMPT = 120  # valid Qwen tokens of a prompt (the pipeline pads to 1000); no quoted text for byT5
+
+
+def _hunyuan_video15_inputs(latent, device, dtype):
+    # `--size` is the height; the width keeps 480x848's aspect. The VAE compresses 16x in space (the harness's
+    # `latent` is size / 8) and 4x in time; the patch is 1, so the 9x30x53 latent is 14,310 image tokens. The text is
+    # what the pipeline passes: 1000 Qwen positions (120 valid), 256 byT5 ones (none valid), 729 zero image tokens.
+    height = latent // 2
+    width = round(height * 848 / 480)
+    frames = (_HUNYUAN_FRAMES - 1) // 4 + 1
+    mask = torch.zeros(1, 1000, device=device, dtype=dtype)
+    mask[:, :_HUNYUAN_PROMPT] = 1
+    return dict(
+        hidden_states=torch.randn(1, 65, frames, height, width, device=device, dtype=dtype),
+        timestep=torch.tensor([500.0], device=device, dtype=dtype),
+        encoder_hidden_states=torch.randn(1, 1000, 3584, device=device, dtype=dtype),
+        encoder_attention_mask=mask,
+        encoder_hidden_states_2=torch.randn(1, 256, 1472, device=device, dtype=dtype),
+        encoder_attention_mask_2=torch.zeros(1, 256, device=device, dtype=dtype),
+        image_embeds=torch.zeros(1, 729, 1152, device=device, dtype=dtype),
+    )
+
+
+Z_IMAGE = dict(  # Tongyi-MAI/Z-Image-Turbo transformer/config.json (the base Z-Image's shape), 30 main blocks cut
+    all_patch_size=(2,),
+    all_f_patch_size=(1,),
+    in_channels=16,
+    dim=3840,
+    n_layers=30,
+    n_refiner_layers=2,
+    n_heads=30,
+    n_kv_heads=30,
+    norm_eps=1e-5,
+    qk_norm=True,
+    cap_feat_dim=2560,
+    rope_theta=256.0,
+    t_scale=1000.0,
+    axes_dims=(32, 48, 48),
+    axes_lens=(1536, 512, 512),
+)
+KREA2 = dict(  # Krea 2's transformer config (diffusers' Krea2Transformer2DModel defaults), 28 blocks cut
+    in_channels=64,
+    num_layers=28,
+    attention_head_dim=128,
+    num_attention_heads=48,
+    num_key_value_heads=12,
+    intermediate_size=16384,
+    timestep_embed_dim=256,
+    text_hidden_dim=2560,
+    num_text_layers=12,
+    text_num_attention_heads=20,
+    text_num_key_value_heads=20,
+    text_intermediate_size=6912,
+    num_layerwise_text_blocks=2,
+    num_refiner_text_blocks=2,
+    axes_dims_rope=(32, 48, 48),
+    rope_theta=1000.0,
+    norm_eps=1e-5,
+)
+
+
+def _z_image(config):
+    def build():
+        from diffusers import ZImageTransformer2DModel
+
+        # 6.2B parameters (25 GB in float32) do not fit in 24 GiB: cut to _Z_IMAGE_BLOCKS of the 30 main blocks,
+        # the 2 + 2 refiner blocks, every width, head count and the caption width kept. S-CFG's extra work is per
+        # captured main block (the middle half: 16 of the full 30, blocks 7-22; 2 of 4 here, blocks 1-2) and the
+        # step's cost per block (the 2 noise-refiner blocks over the image cost about as much as 2 main ones, the
+        # context refiner over the caption alone little): 32 block units in full, 6 cut, so (time ratio - 1)
+        # transfers to the full model multiplied by (16 / 32) / (2 / 6) = 1.5.
+        return ZImageTransformer2DModel(**{**config, "n_layers": _Z_IMAGE_BLOCKS})
+
+    return build
+
+
+_Z_IMAGE_BLOCKS = 4
+_Z_IMAGE_TEXT = (128, 8)  # caption tokens: a long prompt in the chat template, and the empty negative prompt's 8
+
+
+def _z_image_inputs(latent, device, dtype):
+    # ZImagePipeline's one CFG call: lists [cond, uncond] of the same latent [16, 1, H, W], the normalised time
+    # (1000 - t) / 1000 in float32, and captions of their own lengths (the pipeline drops their padding)
+    x = torch.randn(16, 1, latent, latent, device=device, dtype=dtype)
+    return dict(
+        x=[x, x.clone()],
+        t=torch.tensor([0.5, 0.5], device=device),
+        cap_feats=[torch.randn(n, 2560, device=device, dtype=dtype) for n in _Z_IMAGE_TEXT],
+    )
+
+
+def _krea2(config):
+    def build():
+        from diffusers import Krea2Transformer2DModel
+
+        # 13B parameters (52 GB in float32) do not fit in 24 GiB: cut to _KREA2_BLOCKS of the 28 identical
+        # blocks, the text fusion, every width, head count (48 query, 12 key/value) and the 512-token text kept.
+        # S-CFG's extra work is per captured block (the middle half: 14 of the full 28, blocks 7-20; 2 of 4 here,
+        # blocks 1-2) and the step's cost per block, so (time ratio - 1) transfers to the full model multiplied by
+        # (14 / 28) / (2 / 4) = 1 (a little less: the text fusion, a few % of a cut step, is a smaller share).
+        return Krea2Transformer2DModel(**{**config, "num_layers": _KREA2_BLOCKS})
+
+    return build
+
+
+_KREA2_BLOCKS = 4
+_KREA2_PROMPT = 128  # real prompt tokens of the 512 text positions; the rest of the prompt part is masked padding
+
+
+def _krea2_inputs(latent, device, dtype):
+    # one Krea2Pipeline pass: 2x2-packed latents, 12 tapped Qwen3-VL layers per text token, the text mask (the
+    # prompt, padding, the 5-token assistant suffix), rotary ids with the text at the origin
+    grid = latent // 2
+    mask = torch.zeros(1, 512, dtype=torch.bool, device=device)
+    mask[:, :_KREA2_PROMPT] = True
+    mask[:, -5:] = True
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    image_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3)
+    return dict(
+        hidden_states=torch.randn(1, grid * grid, 64, device=device, dtype=dtype),
+        encoder_hidden_states=torch.randn(1, 512, 12, 2560, device=device, dtype=dtype),
+        timestep=torch.tensor([0.5], device=device, dtype=dtype),  # the pipeline passes t / 1000
+        position_ids=torch.cat([torch.zeros(512, 3), image_ids.float()]).to(device),
+        encoder_attention_mask=mask,
+    )
+
+
 MODELS = {
     "sd15": Model("SD 1.5 UNet", 512, _unet(SD15_UNET), _sd15_inputs, ("unet",), True),
     "sdxl": Model("SDXL UNet", 1024, _unet(SDXL_UNET), _sdxl_inputs, ("unet", "text_encoder_2"), True),
+    "kolors": Model("Kolors UNet", 1024, _unet(KOLORS_UNET), _kolors_inputs, ("unet", "text_encoder"), True),
     "pixart-sigma": Model(
         "PixArt-Sigma",
         1024,
@@ -222,6 +645,16 @@ MODELS = {
         False,
     ),
     "flux": Model("FLUX.1-dev (true CFG)", 1024, _flux(FLUX_DEV), _flux_inputs, ("transformer",), False, "separate"),
+    "chroma": Model("Chroma1-HD (CFG)", 1024, _chroma(CHROMA_HD), _chroma_inputs, ("transformer",), False, "separate"),
+    "flux2-klein": Model(
+        "FLUX.2 [klein] base 4B (CFG)",
+        1024,
+        _flux2_klein(FLUX2_KLEIN_4B),
+        _flux2_klein_inputs,
+        ("transformer",),
+        False,
+        "separate",
+    ),
     "sd3": Model(
         "SD3-medium MMDiT",
         1024,
@@ -229,6 +662,54 @@ MODELS = {
         _sd3_inputs,
         ("transformer",),
         False,
+    ),
+    "wan": Model(
+        "Wan 2.1 T2V-1.3B (17 frames at 480x832; --size is the height)",
+        480,
+        _wan(WAN21_1_3B),
+        _wan_inputs,
+        ("transformer",),
+        False,
+        "separate",
+    ),
+    "qwen-image": Model(
+        "Qwen-Image (true CFG, 4 of 60 blocks)",
+        1024,
+        _qwen_image(QWEN_IMAGE),
+        _qwen_image_inputs,
+        ("transformer",),
+        False,
+        "separate",
+    ),
+    "ltx": Model(
+        "LTX-Video 0.9 (25 frames at 512x768, 4 of 28 blocks; --size is the height)",
+        512,
+        _ltx(LTX_VIDEO),
+        _ltx_inputs,
+        ("transformer",),
+        False,
+    ),
+    "hunyuan-video15": Model(
+        "HunyuanVideo 1.5 480p T2V (cond + uncond passes through its guider, 33 frames at 480x848, 4 of 54 "
+        "blocks; --size is the height)",
+        480,
+        _hunyuan_video15(HUNYUAN_VIDEO15),
+        _hunyuan_video15_inputs,
+        ("transformer",),
+        False,
+        "separate",
+    ),
+    "z-image": Model(
+        "Z-Image (list CFG, 4 of 30 main blocks)",
+        1024,
+        _z_image(Z_IMAGE),
+        _z_image_inputs,
+        ("transformer",),
+        False,
+        "list",
+    ),
+    "krea2": Model(
+        "Krea 2 (CFG, 4 of 28 blocks)", 1024, _krea2(KREA2), _krea2_inputs, ("transformer",), False, "separate"
     ),
 }
 
@@ -301,6 +782,9 @@ def denoise(bench: Bench, g=7.5, **overrides):
         cond = bench.forward(**overrides)
         uncond = bench.forward(**{"encoder_hidden_states": bench.uncond_text, **overrides})
         return uncond + g * (cond - uncond)
+    if bench.model.passes == "list":  # Z-Image: one call on lists [cond, uncond], a prediction per sample
+        cond, uncond = torch.stack(bench.forward(**overrides)).chunk(2)
+        return cond + g * (cond - uncond)
     return cfg_line(bench.forward(**overrides), g)
 
 
@@ -334,12 +818,18 @@ def scfg_reuse_step(bench: Bench, g=7.5):
     """One step that reuses the previous step's regions (`mask_interval=2`); times only that step."""
     import scfg
 
-    t = bench.inputs["timestep"]  # 500, or FLUX's 0.5 (its family reads t * 1000)
-    with enabled(bench, g, scfg.SCFGConfig(mask_interval=2), (500, 499)):
+    if "t" in bench.inputs:
+        # Z-Image passes (1000 - t) / 1000: the schedule repeats t = 500, which the engine reads as the next step
+        schedule, later = (500, 500), {}
+    else:
+        t = bench.inputs["timestep"]  # 500, or FLUX's 0.5 (its family reads t * 1000)
+        schedule = (500, 499)
+        later = {"timestep": (t * 499 / 500).to(t.dtype) if t.is_floating_point() else torch.full_like(t, 499)}
+    with enabled(bench, g, scfg.SCFGConfig(mask_interval=2), schedule):
         denoise(bench, g)  # step 0 (t = 500) computes the regions
         sync(bench.device)
         t0 = time.perf_counter()
-        denoise(bench, g, timestep=(t * 499 / 500).to(t.dtype) if t.is_floating_point() else torch.full_like(t, 499))
+        denoise(bench, g, **later)
         sync(bench.device)
         return time.perf_counter() - t0
 
@@ -473,7 +963,7 @@ def main():
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per method before timing")
     parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--flux-blocks", type=int, default=2, help="FLUX: k double- and 2k single-stream blocks")
+    parser.add_argument("--flux-blocks", type=int, default=2, help="FLUX-like: k double-, 2k single-stream blocks")
     parser.add_argument("--methods", nargs="+", default=None, help="default: cfg scfg scfg-reuse (+ naive for UNets)")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--memory-methods", nargs="+", default=None, help="methods whose peak memory is measured")

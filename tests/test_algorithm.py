@@ -272,6 +272,7 @@ def test_presets_differ_as_documented():
         "tie_break",
         "rate_clamp",
         "max_effective_scale",
+        "temporal_smoothing",  # video only: the paper has no smoothing at all (docs/algorithm.md section 8)
     }
 
 

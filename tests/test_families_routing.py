@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from functools import partial
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from diffusers import (
     IFPipeline,
     KandinskyPipeline,
     KandinskyV22Pipeline,
+    KolorsImg2ImgPipeline,
     KolorsPipeline,
     StableDiffusionControlNetPipeline,
     StableDiffusionImg2ImgPipeline,
@@ -53,7 +55,7 @@ def tiny_kolors(projected: bool = True, text_encoder: bool = True) -> KolorsPipe
     """Kolors: SDXL's UNet shape ("text_time"), ChatGLM3 states projected in by the UNet ("text_proj", as the
     released UNet is configured); `projected=False` is the UNet of diffusers' own Kolors tests, which has none.
 
-    No ChatGLM tokenizer: it needs a sentencepiece model file, which cannot be built offline.
+    No ChatGLM tokenizer (routing reads the text encoder; tests/tiny_kolors.py builds one for the runs).
     """
     from conftest import tiny_vae
 
@@ -154,10 +156,14 @@ def tiny_kandinsky22() -> KandinskyV22Pipeline:
     return KandinskyV22Pipeline(unet=unet, scheduler=DDPMScheduler(), movq=tiny_movq())
 
 
-UNSUPPORTED = {
+KOLORS = {
     "kolors": tiny_kolors,
     "kolors-unprojected": partial(tiny_kolors, projected=False),
     "kolors-prompt-embeds": partial(tiny_kolors, text_encoder=False),
+    "kolors-unprojected-prompt-embeds": partial(tiny_kolors, projected=False, text_encoder=False),
+}
+
+UNSUPPORTED = {
     "kandinsky-2.1": tiny_kandinsky21,
     "kandinsky-2.2": tiny_kandinsky22,
 }
@@ -171,6 +177,27 @@ def test_pipelines_without_a_family_are_refused(case):
     for attempt in (family_for, scfg.enable):
         with pytest.raises(SCFGError, match=rf"supported model family {families}.*but got {name} with denoiser"):
             attempt(pipe)
+
+
+@pytest.mark.parametrize("case", sorted(KOLORS))
+def test_kolors_pipelines_route_to_kolors(case):
+    # Kolors has SDXL's UNet shape but one ChatGLM encoder; run on prompt embeddings (no text encoder, no tokenizer)
+    # the pipeline says Kolors. Not SDXL, not SD: their CLIP assumptions (start token 0, no padding ties) do not hold.
+    pipe = KOLORS[case]()
+    assert family_for(pipe).name == "kolors"
+    assert family_for(KolorsImg2ImgPipeline(**pipe.components)).name == "kolors"
+
+
+def test_kolors_unet_in_a_bare_holder_routes_by_its_text_projection():
+    # a holder of the denoiser alone (as the benchmarks use): the UNet's own ChatGLM projection says Kolors; without
+    # it, nothing says which text the UNet expects
+    projected, unprojected = (
+        tiny_kolors(text_encoder=False).unet,
+        tiny_kolors(projected=False, text_encoder=False).unet,
+    )
+    assert family_for(SimpleNamespace(unet=projected, text_encoder=None)).name == "kolors"
+    with pytest.raises(SCFGError, match="but got SimpleNamespace with denoiser UNet2DConditionModel"):
+        family_for(SimpleNamespace(unet=unprojected, text_encoder=None))
 
 
 @pytest.mark.parametrize(
@@ -247,3 +274,31 @@ def test_ip_adapter_keeps_sd_unet_and_runs(tiny_sd):
             ip_adapter_image_embeds=embeds,
         ).images
     assert len(recorder.steps) == 2 and torch.isfinite(out).all()
+
+
+def test_ip_adapter_on_kolors_keeps_kolors_and_runs(tmp_path):
+    # Kolors keeps its ChatGLM projection as `text_encoder_hid_proj` and switches to "ip_image_proj"; the cross map is
+    # the text part of the (text, image) embeddings that `attn2` gets.
+    pytest.importorskip("sentencepiece")
+    from tiny_kolors import build_tiny_kolors
+
+    build_tiny_kolors(str(tmp_path))
+    pipe = KolorsPipeline.from_pretrained(str(tmp_path))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_ip_adapter(tiny_ip_adapter(pipe.unet), subfolder="", weight_name="", image_encoder_folder=None)
+    assert pipe.unet.config.encoder_hid_dim_type == "ip_image_proj" and pipe.unet.text_encoder_hid_proj is not None
+    assert family_for(pipe).name == "kolors"
+    assert family_for(KolorsPipeline(**{**pipe.components, "text_encoder": None, "tokenizer": None})).name == "kolors"
+    recorder = scfg.Recorder()
+    embeds = [torch.randn(2, 1, 8, generator=torch.Generator().manual_seed(6))]  # [uncond; cond] image embeddings
+    with scfg.enable(pipe, on_step=recorder):
+        out = pipe(
+            "a red cat",
+            height=32,
+            width=48,
+            num_inference_steps=2,
+            output_type="latent",
+            ip_adapter_image_embeds=embeds,
+        ).images
+    assert len(recorder.steps) == 2 and torch.isfinite(out).all()
+    assert recorder.steps[0].token_masks.shape == (1, 256, 4, 6)

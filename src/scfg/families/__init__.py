@@ -28,13 +28,61 @@ ModelFamily = Family  # the contract every family adapter fulfils (kept as a nam
 
 
 def _families() -> list[Family]:
-    from . import deepfloyd_if, flux, pixart, sd3_mmdit, sd_unet, sdxl_unet
+    from . import (
+        chroma,
+        deepfloyd_if,
+        flux,
+        flux2,
+        hunyuan_video15,
+        kolors,
+        krea2,
+        ltx,
+        pixart,
+        qwen_image,
+        sd3_mmdit,
+        sd_unet,
+        sdxl_unet,
+        wan,
+        z_image,
+    )
 
     # first match wins
-    return [flux.FAMILY, sd3_mmdit.FAMILY, pixart.FAMILY, deepfloyd_if.FAMILY, sdxl_unet.FAMILY, sd_unet.FAMILY]
+    return [
+        flux.FAMILY,
+        chroma.FAMILY,
+        flux2.FAMILY,
+        qwen_image.FAMILY,
+        wan.FAMILY,
+        ltx.FAMILY,
+        hunyuan_video15.FAMILY,
+        z_image.FAMILY,
+        krea2.FAMILY,
+        sd3_mmdit.FAMILY,
+        pixart.FAMILY,
+        deepfloyd_if.FAMILY,
+        kolors.FAMILY,  # before sdxl_unet: the same UNet shape
+        sdxl_unet.FAMILY,
+        sd_unet.FAMILY,
+    ]
 
 
-FAMILIES = ("sd_unet", "sdxl_unet", "deepfloyd_if", "pixart", "sd3_mmdit", "flux")
+FAMILIES = (
+    "sd_unet",
+    "sdxl_unet",
+    "deepfloyd_if",
+    "pixart",
+    "sd3_mmdit",
+    "flux",
+    "chroma",
+    "flux2_klein",
+    "kolors",
+    "wan",
+    "ltx",
+    "qwen_image",
+    "hunyuan_video15",
+    "z_image",
+    "krea2",
+)
 
 
 def family_for(pipe: Any) -> Family:
@@ -47,6 +95,8 @@ def family_for(pipe: Any) -> Family:
     text = f" and text encoder {type(text_encoder).__name__}" if text_encoder is not None else ""
     raise SCFGError(
         f"Expected a pipeline of a supported model family ({', '.join(FAMILIES)}: StableDiffusion 1.x/2.x, "
-        f"SDXL, DeepFloyd IF, PixArt-alpha/Sigma, SD3/3.5 and FLUX.1 pipelines), but got {type(pipe).__name__} with "
-        f"denoiser {type(denoiser).__name__}{text}."
+        f"SDXL, Kolors, DeepFloyd IF, PixArt-alpha/Sigma, SD3/3.5, FLUX.1, Chroma, FLUX.2 [klein], Qwen-Image, "
+        f"Z-Image, Krea 2, Wan 2.1/2.2, LTX-Video and HunyuanVideo 1.5 pipelines), but got {type(pipe).__name__} "
+        "with denoiser "
+        f"{type(denoiser).__name__}{text}."
     )

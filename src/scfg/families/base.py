@@ -93,6 +93,14 @@ class Family:
         self_rows = rows[pair.self_attn] if pair.self_attn is not None else None
         return rows[pair.cross].dense(), self_rows
 
+    def word_mask(self, segments: list[tuple[Any, torch.Tensor]]) -> torch.Tensor:
+        """`[P, T]` bool: which of `tokenize`'s positions are the prompt's words (`region_tokens="words"`, per-word
+        scales' legends). Default: every token that is not one of its tokenizer's special tokens; a family whose text
+        carries a chat template overrides this to leave the template's tokens out."""
+        return torch.cat(
+            [~torch.isin(part, torch.tensor(sorted(set(tok.all_special_ids)))) for tok, part in segments], dim=1
+        )
+
     def token_roles(self, cross_probs: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """`[B]` index of the foreground's reference token (None: token 0) and `[B, T]` real (unmasked) tokens
         (None: all), from one layer's `[B, Q, T]` cross-attention."""

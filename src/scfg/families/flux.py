@@ -61,17 +61,13 @@ class FluxFamily(Family):
         rotary = call.input(3, "image_rotary_emb")
         query, key, _ = flux_qkv(module, hidden_states, encoder_hidden_states, rotary, projections=call.projections)
         text = encoder_hidden_states.shape[1] if encoder_hidden_states is not None else context.extra["text_len"]
-        bias = None
-        if attention_mask is not None:  # boolean (True: attend) or additive, broadcast over heads and queries
-            mask = attention_mask.to(query.device)
-            bias = (
-                mask
-                if mask.dtype != torch.bool
-                else torch.zeros_like(mask, dtype=torch.float32).masked_fill(~mask, -torch.inf)
+        if attention_mask is not None:  # FluxPipeline passes none (Chroma, which does, has its own family)
+            raise SCFGError(
+                "Expected no attention mask in FLUX.1's joint attention, as FluxPipeline calls it, but got one. Run "
+                "the pipeline without a custom `joint_attention_kwargs` mask."
             )
-            bias = bias.reshape(bias.shape[0], 1, -1, bias.shape[-1])[:, :, text:] if bias.shape[-2] > 1 else bias
         kwargs = {} if budget is None else {"budget": budget}
-        return AttentionRows(query[:, :, text:], key, flux_scale(module), bias, **kwargs)
+        return AttentionRows(query[:, :, text:], key, flux_scale(module), **kwargs)
 
     def layer_attention(
         self, pair: LayerPair, rows: Mapping[str, AttentionRows], context: PassContext | None

@@ -460,9 +460,7 @@ class SemanticGuidance:
         if not segments:
             return
         ids = torch.cat([part for _, part in segments], dim=1)
-        words = torch.cat(
-            [~torch.isin(part, torch.tensor(sorted(set(tok.all_special_ids)))) for tok, part in segments], dim=1
-        )
+        words = self.family.word_mask(segments)
         tokens = [
             [t for tok, part in segments for t in tok.convert_ids_to_tokens(part[row].tolist())]
             for row in range(len(prompts))
