@@ -14,7 +14,7 @@ from the layer's inputs instead.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +34,7 @@ __all__ = [
     "head_averaged_probs",
     "head_averaged_softmax",
     "probs_from_projections",
+    "recorded_projection",
     "rows_from_projections",
 ]
 
@@ -152,6 +153,40 @@ def probs_from_projections(
 ) -> torch.Tensor:
     """Dense `rows_from_projections`: head-averaged probabilities `[B, Q, K]`."""
     return rows_from_projections(attn, query, key, attention_mask).dense()
+
+
+def recorded_projection(
+    attn: nn.Module,
+    name: str,
+    inputs: torch.Tensor,
+    projections: Mapping[str, torch.Tensor] | None = None,
+    *,
+    strict: bool = False,
+    missing_hint: str = "",
+) -> torch.Tensor:
+    """The output of `attn.<name>` on `inputs`: the processor's own when a hook recorded it for these inputs (the
+    module's output shape on them), else computed again. A recorded output of another shape is the processor's on
+    another tensor (PAG's partial batches): recomputed, or refused with `strict` (projections a caller passes in)."""
+    linear = getattr(attn, name, None)
+    if linear is None:
+        hint = f" {missing_hint}" if missing_hint else ""
+        raise SCFGError(
+            f"Expected the attention layer {type(attn).__name__} to have `{name}` (its processor uses it), but it has "
+            f"none.{hint}"
+        )
+    recorded = None if projections is None else projections.get(name)
+    if recorded is None:
+        return linear(inputs)
+    expected = (*inputs.shape[:-1], linear.out_features)
+    if tuple(recorded.shape) == expected:
+        return recorded
+    if strict:
+        raise SCFGError(
+            f"Expected `projections[{name!r}]` of shape {list(expected)} (the output of `{name}` on inputs of shape "
+            f"{list(inputs.shape)}), but got {list(recorded.shape)}. Record it with a forward hook on this layer's "
+            f"`{name}` during the same call."
+        )
+    return linear(inputs)
 
 
 def _budget(budget: int | None) -> dict[str, int]:

@@ -13,7 +13,16 @@ from ..attention import AttentionRows
 from ..capture import LayerCall, default_attention
 from ..engine import CFGLayout
 
-__all__ = ["Family", "LayerPair", "PassContext", "scale_argument"]
+__all__ = [
+    "Family",
+    "LayerPair",
+    "PassContext",
+    "image_first_split",
+    "last_valid_token",
+    "middle_half",
+    "scale_argument",
+    "text_first_split",
+]
 
 
 @dataclass(frozen=True)
@@ -44,6 +53,35 @@ class PassContext:
     batch: int
     timestep: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def middle_half(count: int) -> range:
+    """The middle half of `count` blocks (the DiT families' default: early blocks are still close to the noise, late
+    ones to pixels); every block when there are fewer than 4."""
+    return range(count // 4, count - count // 4) or range(count)
+
+
+def last_valid_token(cross_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`token_roles` for masked text: masked padding gets exactly zero probability (a -inf or -10000 bias underflows
+    exp), so `[B, T]` valid tokens are those with any attention, and the reference is the last valid one (T5's EOS,
+    a chat template's closing token)."""
+    valid = cross_probs.amax(dim=1) > 0
+    last = valid.shape[1] - 1 - valid.flip(dims=[1]).to(torch.uint8).argmax(dim=1)
+    return last, valid
+
+
+def text_first_split(joint: AttentionRows, text: int | None = None) -> tuple[torch.Tensor, AttentionRows]:
+    """`(cross, self)` of joint attention over `[text; image]` keys (FLUX, Qwen-Image, Krea 2): the text block
+    (renormalised, dense) and the image block (renormalised), docs/algorithm.md section 4's split. `text` defaults
+    to the keys beyond the image queries."""
+    text = joint.shape[2] - joint.shape[1] if text is None else text
+    return joint.select(slice(0, text)).dense(), joint.select(slice(text, text + joint.shape[1]))
+
+
+def image_first_split(joint: AttentionRows) -> tuple[torch.Tensor, AttentionRows]:
+    """`(cross, self)` of joint attention over `[image; text]` keys (SD3, HunyuanVideo 1.5), as `text_first_split`."""
+    q = joint.shape[1]
+    return joint.select(slice(q, None)).dense(), joint.select(slice(0, q))
 
 
 def scale_argument(arguments: Mapping[str, Any], name: str) -> float | None:

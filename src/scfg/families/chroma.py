@@ -47,7 +47,7 @@ from torch import nn
 from ..attention import AttentionRows
 from ..capture import LayerCall
 from ..engine import CFGLayout
-from .base import Family, PassContext
+from .base import Family, PassContext, last_valid_token
 from .flux import FluxFamily
 from .flux_attention import flux_qkv, flux_scale
 
@@ -94,9 +94,7 @@ class ChromaFamily(FluxFamily):
     def token_roles(self, cross_probs: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         # Masked padding has exactly zero probability (exp(-inf)) and owns no region (docs/algorithm.md step 4); the
         # kept pad, the last kept token, is the reference channel of the foreground maps (step 2e).
-        valid = cross_probs.amax(dim=1) > 0
-        last = valid.shape[1] - 1 - valid.flip(dims=[1]).to(torch.uint8).argmax(dim=1)
-        return last, valid
+        return last_valid_token(cross_probs)
 
     def cfg_layout(self, pipe: Any, arguments: Mapping[str, Any], denoiser: str) -> CFGLayout | None:
         if not getattr(pipe, "do_classifier_free_guidance", False):

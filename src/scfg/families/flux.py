@@ -30,7 +30,7 @@ from ..attention import AttentionRows
 from ..capture import LayerCall
 from ..config import SCFGError
 from ..engine import CFGLayout
-from .base import Family, LayerPair, PassContext, scale_argument
+from .base import Family, LayerPair, PassContext, middle_half, scale_argument, text_first_split
 from .flux_attention import flux_qkv, flux_scale
 
 __all__ = ["FAMILY"]
@@ -51,7 +51,7 @@ class FluxFamily(Family):
 
     def layer_pairs(self, denoiser: nn.Module) -> list[LayerPair]:
         blocks = denoiser.transformer_blocks
-        chosen = range(len(blocks) // 4, len(blocks) - len(blocks) // 4) or range(len(blocks))
+        chosen = middle_half(len(blocks))
         return [LayerPair(f"transformer_blocks.{i}.attn", f"transformer_blocks.{i}.attn", 1) for i in chosen]
 
     def attention(self, module: nn.Module, call: LayerCall, context: PassContext | None, budget: int | None):
@@ -72,10 +72,8 @@ class FluxFamily(Family):
     def layer_attention(
         self, pair: LayerPair, rows: Mapping[str, AttentionRows], context: PassContext | None
     ) -> tuple[torch.Tensor, AttentionRows]:
-        joint = rows[pair.cross]
-        text = joint.shape[2] - joint.shape[1]
         # text keys first; each block's rows renormalised, as for SD3's joint attention
-        return joint.select(slice(0, text)).dense(), joint.select(slice(text, None))
+        return text_first_split(rows[pair.cross])
 
     def token_roles(self, cross_probs: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         last = torch.full((cross_probs.shape[0],), cross_probs.shape[2] - 1, dtype=torch.long)

@@ -31,6 +31,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from ..capture import recorded_projection
 from ..config import SCFGError
 
 __all__ = ["SUPPORTED_PROCESSORS", "flux2_qkv", "flux2_scale"]
@@ -77,25 +78,15 @@ def flux2_scale(attn: nn.Module) -> float:
 def _projection(
     attn: nn.Module, name: str, inputs: torch.Tensor, projections: Mapping[str, torch.Tensor] | None
 ) -> torch.Tensor:
-    """The output of `attn.<name>` on `inputs`: the recorded one when `projections` has it (checked against the
-    module's shape), else computed."""
-    linear = getattr(attn, name, None)
-    if linear is None:
-        raise SCFGError(
-            f"Expected the FLUX.2 attention layer to have `{name}` (its processor uses it), but it has none. "
-            "Fused projections need `transformer.fuse_qkv_projections()` on the whole model."
-        )
-    if projections is None or name not in projections:
-        return linear(inputs)
-    recorded = projections[name]
-    expected = (*inputs.shape[:-1], linear.out_features)
-    if tuple(recorded.shape) != expected:
-        raise SCFGError(
-            f"Expected `projections[{name!r}]` of shape {list(expected)} (the output of `{name}` on inputs of shape "
-            f"{list(inputs.shape)}), but got {list(recorded.shape)}. Record it with a forward hook on this layer's "
-            f"`{name}` during the same call."
-        )
-    return recorded
+    # projections a caller passes in must be the processor's own for these inputs: a wrong shape is refused
+    return recorded_projection(
+        attn,
+        name,
+        inputs,
+        projections,
+        strict=True,
+        missing_hint="Fused projections need `transformer.fuse_qkv_projections()` on the whole model.",
+    )
 
 
 def _check_projection_names(projections: Mapping[str, torch.Tensor] | None, used: tuple[str, ...]) -> None:

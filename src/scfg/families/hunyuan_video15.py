@@ -53,9 +53,10 @@ from torch import nn
 
 from ..attention import AttentionRows
 from ..capture import LayerCall
+from ..capture import recorded_projection as _projection
 from ..config import SCFGError
 from ..engine import CFGLayout
-from .base import Family, LayerPair, PassContext
+from .base import Family, LayerPair, PassContext, image_first_split, last_valid_token
 
 __all__ = ["FAMILY", "SUPPORTED_GUIDERS", "SUPPORTED_PROCESSORS", "hunyuan_video15_bias", "hunyuan_video15_qk"]
 
@@ -75,18 +76,6 @@ def _check_processor(attn: nn.Module) -> None:
             f"{type(attn).__name__} with processor {processor}. S-CFG forms the layer's queries and keys the way that "
             "processor does: restore it with `transformer.set_attn_processor(HunyuanVideo15AttnProcessor2_0())`."
         )
-
-
-def _projection(
-    attn: nn.Module, name: str, inputs: torch.Tensor, projections: Mapping[str, torch.Tensor] | None
-) -> torch.Tensor:
-    """The output of `attn.<name>` on `inputs`: the processor's own when it was recorded for these inputs (same
-    shape), else computed again."""
-    linear = getattr(attn, name)
-    recorded = None if projections is None else projections.get(name)
-    if recorded is not None and tuple(recorded.shape) == (*inputs.shape[:-1], linear.out_features):
-        return recorded
-    return linear(inputs)
 
 
 def hunyuan_video15_qk(
@@ -200,16 +189,12 @@ class HunyuanVideo15Family(Family):
     def layer_attention(
         self, pair: LayerPair, rows: Mapping[str, AttentionRows], context: PassContext | None
     ) -> tuple[torch.Tensor, AttentionRows]:
-        joint = rows[pair.cross]
-        q = joint.shape[1]
         # image keys first; each block's rows renormalised (masked text positions stay exactly zero)
-        return joint.select(slice(q, None)).dense(), joint.select(slice(0, q))
+        return image_first_split(rows[pair.cross])
 
     def token_roles(self, cross_probs: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         # Masked positions get exactly zero probability (a -inf bias); the last valid one ends the chat template.
-        valid = cross_probs.amax(dim=1) > 0
-        last = valid.shape[1] - 1 - valid.flip(dims=[1]).to(torch.uint8).argmax(dim=1)
-        return last, valid
+        return last_valid_token(cross_probs)
 
     # -- the pipeline's CFG ---------------------------------------------------------------------------------------
 

@@ -37,24 +37,14 @@ from torch import nn
 
 from ..attention import AttentionRows
 from ..capture import LayerCall
+from ..capture import recorded_projection as _projection
 from ..config import SCFGError
 from ..engine import CFGLayout
-from .base import Family, LayerPair, PassContext, scale_argument
+from .base import Family, LayerPair, PassContext, last_valid_token, middle_half, scale_argument, text_first_split
 
 __all__ = ["FAMILY", "krea2_qk"]
 
 _PROCESSORS = ("Krea2AttnProcessor",)
-
-
-def _projection(
-    attn: nn.Module, name: str, hidden_states: torch.Tensor, projections: Mapping[str, torch.Tensor] | None
-) -> torch.Tensor:
-    """The processor's own output of `attn.<name>` when it was recorded for these inputs, else computed."""
-    linear = getattr(attn, name)
-    recorded = None if projections is None else projections.get(name)
-    if recorded is not None and tuple(recorded.shape) == (*hidden_states.shape[:-1], linear.out_features):
-        return recorded
-    return linear(hidden_states)
 
 
 def krea2_qk(
@@ -119,7 +109,7 @@ class Krea2Family(Family):
 
     def layer_pairs(self, denoiser: nn.Module) -> list[LayerPair]:
         blocks = len(denoiser.transformer_blocks)
-        chosen = range(blocks // 4, blocks - blocks // 4) or range(blocks)
+        chosen = middle_half(blocks)
         return [LayerPair(f"transformer_blocks.{i}.attn", f"transformer_blocks.{i}.attn", 1) for i in chosen]
 
     def attention(self, module: nn.Module, call: LayerCall, context: PassContext | None, budget: int | None):
@@ -143,17 +133,13 @@ class Krea2Family(Family):
     def layer_attention(
         self, pair: LayerPair, rows: Mapping[str, AttentionRows], context: PassContext | None
     ) -> tuple[torch.Tensor, AttentionRows]:
-        joint = rows[pair.cross]
-        text = joint.shape[2] - joint.shape[1]
         # text keys first; each block's rows renormalised, as for SD3's joint attention
-        return joint.select(slice(0, text)).dense(), joint.select(slice(text, None))
+        return text_first_split(rows[pair.cross])
 
     def token_roles(self, cross_probs: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         # masked padding gets exactly zero probability (-inf); the reference is the last valid position, the
         # suffix's final token (the last text position in the pipeline's layout)
-        valid = cross_probs.amax(dim=1) > 0
-        last = valid.shape[1] - 1 - valid.flip(dims=[1]).to(torch.uint8).argmax(dim=1)
-        return last, valid
+        return last_valid_token(cross_probs)
 
     def cfg_layout(self, pipe: Any, arguments: Mapping[str, Any], denoiser: str) -> CFGLayout | None:
         try:

@@ -48,8 +48,9 @@ from torch import nn
 
 from ..attention import AttentionRows
 from ..capture import LayerCall
+from ..capture import recorded_projection as _projection
 from ..config import SCFGError
-from .base import Family, LayerPair, PassContext
+from .base import Family, LayerPair, PassContext, last_valid_token, middle_half
 
 __all__ = ["FAMILY", "SUPPORTED_PROCESSORS", "ltx_bias", "ltx_qk"]
 
@@ -70,18 +71,6 @@ _FORWARD = (
     "height",
     "width",
 )
-
-
-def _projection(
-    attn: nn.Module, name: str, inputs: torch.Tensor, projections: Mapping[str, torch.Tensor] | None
-) -> torch.Tensor:
-    """The output of `attn.<name>` on `inputs`: the one the processor computed when recorded for these inputs'
-    shape, else computed (the same module on the same tensor)."""
-    linear = getattr(attn, name)
-    recorded = None if projections is None else projections.get(name)
-    if recorded is not None and tuple(recorded.shape) == (*inputs.shape[:-1], linear.out_features):
-        return recorded
-    return linear(inputs)
 
 
 def ltx_qk(
@@ -177,7 +166,7 @@ class LTXFamily(Family):
 
     def layer_pairs(self, denoiser: nn.Module) -> list[LayerPair]:
         blocks = len(denoiser.transformer_blocks)
-        chosen = range(blocks // 4, blocks - blocks // 4) or range(blocks)
+        chosen = middle_half(blocks)
         return [LayerPair(f"transformer_blocks.{i}.attn2", f"transformer_blocks.{i}.attn1", 1) for i in chosen]
 
     def attention(self, module: nn.Module, call: LayerCall, context: PassContext | None, budget: int | None):
@@ -199,9 +188,7 @@ class LTXFamily(Family):
 
     def token_roles(self, cross_probs: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         # Masked padding gets exactly zero probability (a -10000 bias underflows exp); EOS is the last real token.
-        valid = cross_probs.amax(dim=1) > 0
-        last = valid.shape[1] - 1 - valid.flip(dims=[1]).to(torch.uint8).argmax(dim=1)
-        return last, valid
+        return last_valid_token(cross_probs)
 
     def pass_context(self, denoiser: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> PassContext:
         named = {**dict(zip(_FORWARD, args, strict=False)), **kwargs}

@@ -22,6 +22,7 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from . import LayerPair
+from .base import last_valid_token
 from .sd_unet import SDUNetFamily
 
 __all__ = ["FAMILY"]
@@ -58,9 +59,7 @@ class PixArtFamily(SDUNetFamily):
 
     def token_roles(self, cross_probs: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         # Masked padding gets exactly zero probability (a -10000 bias underflows exp); EOS is the last real token.
-        valid = cross_probs.amax(dim=1) > 0
-        last = valid.shape[1] - 1 - valid.flip(dims=[1]).to(torch.uint8).argmax(dim=1)
-        return last, valid
+        return last_valid_token(cross_probs)
 
 
 FAMILY = PixArtFamily()

@@ -53,10 +53,10 @@ import torch
 from torch import nn
 
 from ..attention import AttentionRows
-from ..capture import LayerCall
+from ..capture import LayerCall, recorded_projection
 from ..config import SCFGError
 from ..engine import CFGLayout
-from .base import Family, LayerPair, PassContext, scale_argument
+from .base import Family, LayerPair, PassContext, last_valid_token, middle_half, scale_argument, text_first_split
 
 __all__ = ["FAMILY", "SUPPORTED_PROCESSORS", "qwen_key_bias", "qwen_qkv", "qwen_scale"]
 
@@ -92,20 +92,8 @@ def qwen_scale(attn: nn.Module) -> float:
 def _projection(
     attn: nn.Module, name: str, inputs: torch.Tensor, projections: Mapping[str, torch.Tensor] | None
 ) -> torch.Tensor:
-    """The output of `attn.<name>` on `inputs`: the recorded one when `projections` has it (checked against the
-    module's shape), else computed."""
-    linear = getattr(attn, name)
-    if projections is None or name not in projections:
-        return linear(inputs)
-    recorded = projections[name]
-    expected = (*inputs.shape[:-1], linear.out_features)
-    if tuple(recorded.shape) != expected:
-        raise SCFGError(
-            f"Expected `projections[{name!r}]` of shape {list(expected)} (the output of `{name}` on inputs of shape "
-            f"{list(inputs.shape)}), but got {list(recorded.shape)}. Record it with a forward hook on this layer's "
-            f"`{name}` during the same call."
-        )
-    return recorded
+    # projections a caller passes in must be the processor's own for these inputs: a wrong shape is refused
+    return recorded_projection(attn, name, inputs, projections, strict=True)
 
 
 def _rotary(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -274,7 +262,7 @@ class QwenImageFamily(Family):
 
     def layer_pairs(self, denoiser: nn.Module) -> list[LayerPair]:
         blocks = len(denoiser.transformer_blocks)
-        chosen = range(blocks // 4, blocks - blocks // 4) or range(blocks)
+        chosen = middle_half(blocks)
         return [LayerPair(f"transformer_blocks.{i}.attn", f"transformer_blocks.{i}.attn", 1) for i in chosen]
 
     # -- attention ------------------------------------------------------------------------------------------------
@@ -301,16 +289,12 @@ class QwenImageFamily(Family):
     def layer_attention(
         self, pair: LayerPair, rows: Mapping[str, AttentionRows], context: PassContext | None
     ) -> tuple[torch.Tensor, AttentionRows]:
-        joint = rows[pair.cross]
-        text = joint.shape[2] - joint.shape[1]
         # text keys first; each block's rows renormalised, as for SD3's and FLUX's joint attention
-        return joint.select(slice(0, text)).dense(), joint.select(slice(text, None))
+        return text_first_split(rows[pair.cross])
 
     def token_roles(self, cross_probs: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         # Masked padding gets exactly zero probability (its keys are -inf); the reference is the last real token.
-        valid = cross_probs.amax(dim=1) > 0
-        last = valid.shape[1] - 1 - valid.flip(dims=[1]).to(torch.uint8).argmax(dim=1)
-        return last, valid
+        return last_valid_token(cross_probs)
 
     # -- the pipeline's CFG ---------------------------------------------------------------------------------------
 

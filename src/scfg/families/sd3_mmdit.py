@@ -25,8 +25,8 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 
 from ..attention import AttentionRows
-from ..capture import LayerCall
-from .base import LayerPair, PassContext
+from ..capture import LayerCall, recorded_projection
+from .base import LayerPair, PassContext, image_first_split
 from .sd_unet import SDUNetFamily
 
 __all__ = ["FAMILY", "joint_image_query_attention", "joint_image_query_probs"]
@@ -45,27 +45,26 @@ def joint_image_query_attention(
     b = hidden_states.shape[0]
     heads = attn.heads
     # the processor's own projections when it ran them on these inputs (a hook kept them), else recomputed
-    query = _own(call, attn, "to_q", hidden_states)
+    query = recorded_projection(attn, "to_q", hidden_states, call.projections)
     head_dim = query.shape[-1] // heads
     query = query.view(b, -1, heads, head_dim).transpose(1, 2)
-    key = _own(call, attn, "to_k", hidden_states).view(b, -1, heads, head_dim).transpose(1, 2)
+    key = (
+        recorded_projection(attn, "to_k", hidden_states, call.projections).view(b, -1, heads, head_dim).transpose(1, 2)
+    )
     if attn.norm_q is not None:
         query = attn.norm_q(query)
     if attn.norm_k is not None:
         key = attn.norm_k(key)
     if encoder_hidden_states is not None:
-        text_key = _own(call, attn, "add_k_proj", encoder_hidden_states).view(b, -1, heads, head_dim).transpose(1, 2)
+        text_key = (
+            recorded_projection(attn, "add_k_proj", encoder_hidden_states, call.projections)
+            .view(b, -1, heads, head_dim)
+            .transpose(1, 2)
+        )
         if attn.norm_added_k is not None:
             text_key = attn.norm_added_k(text_key)
         key = torch.cat([key, text_key], dim=2)
     return AttentionRows(query, key, float(attn.scale), **({} if budget is None else {"budget": budget}))
-
-
-def _own(call: LayerCall, attn: nn.Module, name: str, inputs: torch.Tensor) -> torch.Tensor:
-    """The recorded output of projection `name` if the processor ran it on all of `inputs` (same batch and tokens),
-    else the projection recomputed from them."""
-    out = call.projections.get(name)
-    return out if out is not None and out.shape[:-1] == inputs.shape[:-1] else getattr(attn, name)(inputs)
 
 
 def joint_image_query_probs(
@@ -115,10 +114,8 @@ class SD3Family(SDUNetFamily):
     def layer_attention(
         self, pair: LayerPair, rows: Mapping[str, AttentionRows], context: PassContext | None
     ) -> tuple[torch.Tensor, AttentionRows]:
-        joint = rows[pair.cross]
-        q = joint.shape[1]
         # each block's rows renormalised to sum to 1: the image-to-text block is the cross map, image-to-image the self
-        return joint.select(slice(q, None)).dense(), joint.select(slice(0, q))
+        return image_first_split(rows[pair.cross])
 
     def tokenize(self, pipe: Any, prompts: list[str], num_tokens: int) -> list[tuple[Any, torch.Tensor]]:
         segments = []

@@ -58,9 +58,10 @@ from torch import nn
 
 from ..attention import AttentionRows
 from ..capture import LayerCall
+from ..capture import recorded_projection as _projection
 from ..config import SCFGError
 from ..engine import CFGLayout
-from .base import Family, LayerPair, PassContext
+from .base import Family, LayerPair, PassContext, last_valid_token
 
 __all__ = ["FAMILY", "I2V_TEXT_TOKENS", "SUPPORTED_PROCESSORS", "wan_qk"]
 
@@ -79,18 +80,6 @@ def _check_processor(attn: nn.Module) -> None:
             "way that processor does: upgrade diffusers, or restore it with "
             "`transformer.set_attn_processor(WanAttnProcessor())`."
         )
-
-
-def _projection(
-    attn: nn.Module, name: str, inputs: torch.Tensor, projections: Mapping[str, torch.Tensor] | None
-) -> torch.Tensor:
-    """The output of `attn.<name>` on `inputs`: the processor's own when it was recorded for these inputs (same
-    shape), else computed again."""
-    linear = getattr(attn, name)
-    recorded = None if projections is None else projections.get(name)
-    if recorded is not None and tuple(recorded.shape) == (*inputs.shape[:-1], linear.out_features):
-        return recorded
-    return linear(inputs)
 
 
 def _rotate(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
@@ -226,9 +215,7 @@ class WanFamily(Family):
 
     def token_roles(self, cross_probs: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         # Padding columns are exactly zero (`layer_attention`); EOS is the last real token, the reference.
-        valid = cross_probs.amax(dim=1) > 0
-        last = valid.shape[1] - 1 - valid.flip(dims=[1]).to(torch.uint8).argmax(dim=1)
-        return last, valid
+        return last_valid_token(cross_probs)
 
     # -- the pipeline's CFG ---------------------------------------------------------------------------------------
 

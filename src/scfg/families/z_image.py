@@ -46,9 +46,10 @@ from torch import nn
 
 from ..attention import AttentionRows
 from ..capture import LayerCall
+from ..capture import recorded_projection as _projection
 from ..config import SCFGError
 from ..engine import CFGLayout
-from .base import Family, LayerPair, PassContext, scale_argument
+from .base import Family, LayerPair, PassContext, middle_half, scale_argument
 
 __all__ = ["FAMILY", "z_image_qk"]
 
@@ -59,17 +60,6 @@ _RENORM_EPS = 1e-12  # as `AttentionRows`' renormalisation
 
 def _padded(n: int) -> int:
     return n + (-n) % _SEQ_MULTIPLE
-
-
-def _projection(
-    attn: nn.Module, name: str, hidden_states: torch.Tensor, projections: Mapping[str, torch.Tensor] | None
-) -> torch.Tensor:
-    """The processor's own output of `attn.<name>` when it was recorded for these inputs, else computed."""
-    linear = getattr(attn, name)
-    recorded = None if projections is None else projections.get(name)
-    if recorded is not None and tuple(recorded.shape) == (*hidden_states.shape[:-1], linear.out_features):
-        return recorded
-    return linear(hidden_states)
 
 
 def _rotary(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
@@ -162,7 +152,7 @@ class ZImageFamily(Family):
     def layer_pairs(self, denoiser: nn.Module) -> list[LayerPair]:
         level = int(denoiser.config.all_patch_size[0])  # the pipelines call with the first (only released) size
         blocks = len(denoiser.layers)
-        chosen = range(blocks // 4, blocks - blocks // 4) or range(blocks)
+        chosen = middle_half(blocks)
         return [LayerPair(f"layers.{i}.attention", f"layers.{i}.attention", level) for i in chosen]
 
     def attention(self, module: nn.Module, call: LayerCall, context: PassContext | None, budget: int | None):
