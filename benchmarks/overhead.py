@@ -886,15 +886,16 @@ def time_one(method: str, bench: Bench) -> float:
 
 
 def breakdown(bench: Bench):
-    """Seconds spent in capture, segmentation and the rate rule during one S-CFG step, from the engine's own
-    `torch.profiler.record_function` labels (`scfg.capture`, `scfg.segmentation`, `scfg.rate`); the profiler's
-    own cost inflates the step a little, so the shares are of the profiled step."""
+    """Seconds spent by S-CFG's parts during one step, from the engine's own `torch.profiler.record_function`
+    labels: `scfg.capture` (the hooks forming each layer's q/k), `scfg.maps` (each layer's probabilities, completion
+    and maps: the N² work), `scfg.segmentation` (the step's regions) and `scfg.rate` (the rule). The profiler's own
+    cost inflates the step a little, so the shares are of the profiled step."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bench.device.startswith("cuda") else [])
     with profile(activities=activities) as prof:
         total = time_one("scfg", bench)
-    spent = {"capture": 0.0, "segmentation": 0.0, "rate": 0.0}
+    spent = {"capture": 0.0, "maps": 0.0, "segmentation": 0.0, "rate": 0.0}
     for event in prof.key_averages():
         part = event.key.removeprefix("scfg.")
         if event.key.startswith("scfg.") and part in spent:

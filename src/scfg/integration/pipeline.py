@@ -560,7 +560,8 @@ class SemanticGuidance:
             names = [pair.cross] + ([pair.self_attn] if pair.self_attn else [])
             if pair in current.done or not all(n in current.waiting for n in names):
                 continue
-            with torch.profiler.record_function("scfg.segmentation"):
+            # the per-layer work: the probabilities (formed here, from the kept q/k), the completion and the maps
+            with torch.profiler.record_function("scfg.maps"):
                 cross, self_attention = self.family.layer_attention(pair, current.waiting, current.context)
                 grid = grid_for(cross.shape[1], current.context.grid)
                 expected = level_grid(current.context.grid, pair.level)
