@@ -446,14 +446,15 @@ def test_wan_refuses_an_unknown_processor(tiny_wan_path):
 
 
 def test_wan_cfg_layout_reads_each_experts_scale():
-    """`cfg_layout` as data: the pipeline's attributes during a call decide the line of each expert's passes."""
-    pipe = types.SimpleNamespace(do_classifier_free_guidance=True, guidance_scale=5.0, _guidance_scale_2=3.0)
-    high = FAMILY.cfg_layout(pipe, {}, "transformer")
-    low = FAMILY.cfg_layout(pipe, {}, "transformer_2")
+    """`cfg_layout` as data: the call's `guidance_scale_2` (defaulting to `guidance_scale`, as the pipeline does)
+    is the second expert's scale; `guidance_scale` the first's."""
+    pipe = types.SimpleNamespace(do_classifier_free_guidance=True, guidance_scale=5.0)
+    high = FAMILY.cfg_layout(pipe, {"guidance_scale_2": 3.0}, "transformer")
+    low = FAMILY.cfg_layout(pipe, {"guidance_scale_2": 3.0}, "transformer_2")
     assert high == CFGLayout("separate", ("cond", "uncond"), "uncond", 5.0)
     assert low == CFGLayout("separate", ("cond", "uncond"), "uncond", 3.0)
-    pipe._guidance_scale_2 = 1.0
-    assert FAMILY.cfg_layout(pipe, {}, "transformer_2") is None
+    assert FAMILY.cfg_layout(pipe, {"guidance_scale_2": None}, "transformer_2").scale == 5.0  # the default
+    assert FAMILY.cfg_layout(pipe, {"guidance_scale_2": 1.0}, "transformer_2") is None
     pipe.do_classifier_free_guidance = False  # guidance_scale <= 1: no negative pass at all
     assert FAMILY.cfg_layout(pipe, {}, "transformer") is None
 

@@ -61,7 +61,7 @@ from ..capture import LayerCall
 from ..capture import recorded_projection as _projection
 from ..config import SCFGError
 from ..engine import CFGLayout
-from .base import Family, LayerPair, PassContext, last_valid_token
+from .base import Family, LayerPair, PassContext, last_valid_token, scale_argument
 
 __all__ = ["FAMILY", "I2V_TEXT_TOKENS", "SUPPORTED_PROCESSORS", "wan_qk"]
 
@@ -223,9 +223,12 @@ class WanFamily(Family):
         try:
             if not pipe.do_classifier_free_guidance:  # guidance_scale <= 1: no negative pass for either expert
                 return None
-            # the pipeline's `current_guidance_scale`: `guidance_scale` for `transformer` (high noise),
-            # `guidance_scale_2` (defaulted to `guidance_scale`) for `transformer_2`
-            scale = pipe.guidance_scale if denoiser == "transformer" else pipe._guidance_scale_2
+            # the pipeline's `current_guidance_scale`: `guidance_scale` for `transformer` (high noise), the call's
+            # `guidance_scale_2` for `transformer_2`, which the pipeline defaults to `guidance_scale`
+            scale = pipe.guidance_scale
+            if denoiser != "transformer":
+                second = scale_argument(arguments, "guidance_scale_2")
+                scale = scale if second is None else second
         except AttributeError:
             return None
         if scale is None:
