@@ -97,6 +97,9 @@ class AttentionRows:
         self.shape = (batch, num_queries, kept)
         self._heads, self._num_keys = heads, num_keys
         self._dense: torch.Tensor | None = None
+        # the full head-averaged rows, formed once for this object and every `select` of it when they fit the
+        # budget: joint attention reads two column blocks (text, image) of the same softmax
+        self._shared: dict[str, torch.Tensor] = {}
 
     @property
     def _row_bytes(self) -> int:
@@ -110,6 +113,11 @@ class AttentionRows:
         # a chunk holds as many rows as one head's scores fit in the budget, and at least one row
         step = max(1, self.budget // self._row_bytes)
         if stop - start <= step:
+            if (start, stop) == (0, self.shape[1]):  # all rows at once: formed once, shared with the selections
+                full = self._shared.get("full")
+                if full is None:
+                    full = self._shared["full"] = self._head_average(start, stop)
+                return self._keep(full)
             return self._keep(self._head_average(start, stop))
         out = torch.empty(self.shape[0], stop - start, self.shape[2], dtype=self.dtype, device=self.device)
         for begin in range(start, stop, step):
@@ -146,8 +154,9 @@ class AttentionRows:
         return out
 
     def select(self, columns: slice, renormalise: bool = True) -> AttentionRows:
-        """Return the same queries and keys with another block of key `columns` (indices of all `K` keys)."""
-        return AttentionRows(
+        """Return the same queries and keys with another block of key `columns` (indices of all `K` keys); the full
+        rows, when they fit the budget, are formed once for both."""
+        selected = AttentionRows(
             self.query,
             self.key,
             self.scale,
@@ -156,6 +165,8 @@ class AttentionRows:
             renormalise=renormalise,
             budget=self.budget,
         )
+        selected._shared = self._shared  # the same object's private state: one softmax for every block read
+        return selected
 
     def _head_average(self, start: int, stop: int) -> torch.Tensor:
         """Full head-averaged rows `start:stop`, `[B, n, K]`, heads in chunks whose scores fit in the budget."""
