@@ -214,6 +214,20 @@ def test_qwen_image_token_scales_reach_the_prompt_words(tiny_qwen_image_path):
     assert recorder.steps[0].tokens[0][2] == "Ġcat"
 
 
+def test_qwen_image_words_are_the_prompts_own(tiny_qwen_image_path):
+    """`region_tokens="words"`: the template's closing tag, newline and assistant turn are not the prompt's words."""
+    pipe = load(tiny_qwen_image_path)
+    segments = FAMILY.tokenize(pipe, ["a red cat"], 16)
+    words = FAMILY.word_mask(segments)[0]
+    tokens = pipe.tokenizer.convert_ids_to_tokens(segments[0][1][0].tolist())
+    assert [t for t, w in zip(tokens, words.tolist(), strict=True) if w] == ["a", "Ġred", "Ġcat"]
+    recorder = scfg.Recorder()
+    with scfg.enable(pipe, SCFGConfig(region_tokens="words"), on_step=recorder):
+        run(pipe, "a red cat", num_inference_steps=1)
+    owned = recorder.steps[0].token_masks[0].flatten(1).any(dim=1)
+    assert owned[:3].any() and not owned[3:].any()  # only the three words own regions
+
+
 def test_qwen_image_variants_share_the_family_and_edit_is_refused(tiny_qwen_image_path):
     from diffusers import QwenImageImg2ImgPipeline, QwenImageInpaintPipeline
     from PIL import Image
