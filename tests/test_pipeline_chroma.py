@@ -12,6 +12,7 @@ transformer_chroma = pytest.importorskip(
     "diffusers.models.transformers.transformer_chroma", reason="Chroma pipelines need diffusers >= 0.35"
 )
 
+from checks import assert_restored_after_exception  # noqa: E402
 from diffusers import ChromaPipeline, DiffusionPipeline  # noqa: E402
 from diffusers.models.transformers import transformer_flux  # noqa: E402
 from tiny_chroma import GRID, HEIGHT, TEXT_WIDTH, WIDTH, build_tiny_chroma, tiny_transformer  # noqa: E402
@@ -123,18 +124,7 @@ def test_chroma_without_cfg_is_left_alone_and_disabled_is_stock(tiny_chroma_path
 
 def test_chroma_restored_after_exception(tiny_chroma_path):
     pipe = load(tiny_chroma_path)
-    cls = type(pipe)
-
-    def explode(pipe, step, timestep, kwargs):
-        if step == 1:
-            raise RuntimeError("boom")
-        return kwargs
-
-    guard = scfg.enable(pipe)
-    with pytest.raises(RuntimeError, match="boom"), guard:
-        run(pipe, "a red cat", callback_on_step_end=explode)
-    assert type(pipe) is cls and not guard.recording
-    assert not any(m._forward_hooks or m._forward_pre_hooks for m in pipe.transformer.modules())
+    assert_restored_after_exception(pipe, lambda callback: run(pipe, "a red cat", callback_on_step_end=callback))
 
 
 def test_chroma_cfg_layout_and_guidance_arguments(tiny_chroma_path):

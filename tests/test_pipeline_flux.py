@@ -3,8 +3,8 @@ packed 2x2 latents, joint attention with RoPE, text first. Built from configs of
 
 from __future__ import annotations
 
-import pytest
 import torch
+from checks import assert_restored_after_exception
 from diffusers import FluxPipeline
 
 import scfg
@@ -79,18 +79,7 @@ def test_flux_without_true_cfg_is_left_alone_and_disabled_is_stock(tiny_flux_pat
 
 def test_flux_restored_after_exception(tiny_flux_path):
     pipe = load(tiny_flux_path)
-    cls = type(pipe)
-
-    def explode(pipe, step, timestep, kwargs):
-        if step == 1:
-            raise RuntimeError("boom")
-        return kwargs
-
-    guard = scfg.enable(pipe)
-    with pytest.raises(RuntimeError, match="boom"), guard:
-        run(pipe, "a red cat", callback_on_step_end=explode)
-    assert type(pipe) is cls and not guard.recording
-    assert not any(m._forward_hooks or m._forward_pre_hooks for m in pipe.transformer.modules())
+    assert_restored_after_exception(pipe, lambda callback: run(pipe, "a red cat", callback_on_step_end=callback))
 
 
 def test_flux_maps_equal_a_float64_reference(tiny_flux_path):

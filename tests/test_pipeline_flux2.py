@@ -21,6 +21,7 @@ if not hasattr(pytest.importorskip("diffusers"), "Flux2KleinPipeline"):
     pytest.skip("FLUX.2 [klein] pipelines need diffusers >= 0.37", allow_module_level=True)
 
 import torch.nn.functional as F  # noqa: E402
+from checks import assert_restored_after_exception  # noqa: E402
 from diffusers import DiffusionPipeline, Flux2KleinPipeline  # noqa: E402
 from tiny_flux2 import GRID, HEIGHT, QWEN_WIDTH, WIDTH, build_tiny_flux2_klein, tiny_transformer  # noqa: E402
 
@@ -152,18 +153,7 @@ def test_klein_without_cfg_is_left_alone_and_disabled_is_stock(tiny_klein_path):
 
 def test_klein_restored_after_exception(tiny_klein_path):
     pipe = load(tiny_klein_path)
-    cls = type(pipe)
-
-    def explode(pipe, step, timestep, kwargs):
-        if step == 1:
-            raise RuntimeError("boom")
-        return kwargs
-
-    guard = scfg.enable(pipe)
-    with pytest.raises(RuntimeError, match="boom"), guard:
-        run(pipe, "a red cat", callback_on_step_end=explode)
-    assert type(pipe) is cls and not guard.recording
-    assert not any(m._forward_hooks or m._forward_pre_hooks for m in pipe.transformer.modules())
+    assert_restored_after_exception(pipe, lambda callback: run(pipe, "a red cat", callback_on_step_end=callback))
 
 
 def test_klein_cfg_layout_guidance_arguments_and_pipelines_without_cfg(tiny_klein_path):

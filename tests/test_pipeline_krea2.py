@@ -14,6 +14,8 @@ if transformers_major() < 5:
     pytest.skip("the offline Qwen tokenizer is built with transformers 5's Qwen2Tokenizer", allow_module_level=True)
 Krea2Pipeline = krea2.Krea2Pipeline
 
+from checks import assert_restored_after_exception  # noqa: E402
+
 import scfg  # noqa: E402
 from scfg import SCFGConfig  # noqa: E402
 from scfg.capture import AttentionCapture  # noqa: E402
@@ -105,18 +107,7 @@ def test_krea2_without_cfg_is_left_alone_and_disabled_is_stock(tiny_krea2):
 
 
 def test_krea2_restored_after_exception(tiny_krea2):
-    cls = type(tiny_krea2)
-
-    def explode(pipe, step, timestep, kwargs):
-        if step == 1:
-            raise RuntimeError("boom")
-        return kwargs
-
-    guard = scfg.enable(tiny_krea2)
-    with pytest.raises(RuntimeError, match="boom"), guard:
-        run(tiny_krea2, callback_on_step_end=explode)
-    assert type(tiny_krea2) is cls and not guard.recording
-    assert not any(m._forward_hooks or m._forward_pre_hooks for m in tiny_krea2.transformer.modules())
+    assert_restored_after_exception(tiny_krea2, lambda callback: run(tiny_krea2, callback_on_step_end=callback))
 
 
 def transformer_inputs(pipe, dtype=torch.float64):

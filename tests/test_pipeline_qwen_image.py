@@ -15,6 +15,7 @@ if not hasattr(diffusers, "QwenImagePipeline") or not hasattr(transformers, "Qwe
     pytest.skip("Qwen-Image needs diffusers >= 0.35 and transformers >= 4.49 (Qwen2.5-VL)", allow_module_level=True)
 
 import torch.nn.functional as F  # noqa: E402
+from checks import assert_restored_after_exception  # noqa: E402
 from diffusers import QwenImagePipeline  # noqa: E402
 from diffusers.models.transformers import transformer_qwenimage  # noqa: E402
 from tiny_qwen_image import build_tiny_qwen_image  # noqa: E402
@@ -187,18 +188,7 @@ def test_qwen_image_without_true_cfg_is_left_alone_and_disabled_is_stock(tiny_qw
 
 def test_qwen_image_restored_after_exception(tiny_qwen_image_path):
     pipe = load(tiny_qwen_image_path)
-    cls = type(pipe)
-
-    def explode(pipe, step, timestep, kwargs):
-        if step == 1:
-            raise RuntimeError("boom")
-        return kwargs
-
-    guard = scfg.enable(pipe)
-    with pytest.raises(RuntimeError, match="boom"), guard:
-        run(pipe, "a red cat", callback_on_step_end=explode)
-    assert type(pipe) is cls and not guard.recording
-    assert not any(m._forward_hooks or m._forward_pre_hooks for m in pipe.transformer.modules())
+    assert_restored_after_exception(pipe, lambda callback: run(pipe, "a red cat", callback_on_step_end=callback))
 
 
 def test_qwen_image_token_scales_reach_the_prompt_words(tiny_qwen_image_path):

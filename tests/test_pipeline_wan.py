@@ -17,6 +17,7 @@ transformer_wan = pytest.importorskip(
 if not hasattr(transformer_wan, "WanAttention"):
     pytest.skip("the Wan family mirrors `WanAttention` (diffusers >= 0.35)", allow_module_level=True)
 
+from checks import assert_restored_after_exception  # noqa: E402
 from diffusers import DiffusionPipeline  # noqa: E402
 from tiny_wan import FRAMES, HEIGHT, LATENT, TOKENS, WIDTH, build_tiny_wan, tiny_transformer  # noqa: E402
 
@@ -160,18 +161,7 @@ def test_wan_without_cfg_is_left_alone_and_disabled_is_stock(tiny_wan_path):
 
 def test_wan_restored_after_exception(tiny_wan_path):
     pipe = load(tiny_wan_path)
-    cls = type(pipe)
-
-    def explode(pipe, step, timestep, kwargs):
-        if step == 1:
-            raise RuntimeError("boom")
-        return kwargs
-
-    guard = scfg.enable(pipe)
-    with pytest.raises(RuntimeError, match="boom"), guard:
-        run(pipe, "a red cat", callback_on_step_end=explode)
-    assert type(pipe) is cls and not guard.recording
-    assert not any(m._forward_hooks or m._forward_pre_hooks for m in pipe.transformer.modules())
+    assert_restored_after_exception(pipe, lambda callback: run(pipe, "a red cat", callback_on_step_end=callback))
 
 
 def test_wan22_hooks_both_experts_each_with_its_own_scale(tiny_wan22_path):

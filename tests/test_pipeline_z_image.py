@@ -14,6 +14,8 @@ if transformers_major() < 5:
     pytest.skip("the offline Qwen tokenizer is built with transformers 5's Qwen2Tokenizer", allow_module_level=True)
 ZImagePipeline = z_image.ZImagePipeline
 
+from checks import assert_restored_after_exception  # noqa: E402
+
 import scfg  # noqa: E402
 from scfg import SCFGConfig  # noqa: E402
 from scfg.capture import AttentionCapture  # noqa: E402
@@ -135,18 +137,7 @@ def test_z_image_without_cfg_is_left_alone_and_disabled_is_stock(tiny_z_image):
 
 
 def test_z_image_restored_after_exception(tiny_z_image):
-    cls = type(tiny_z_image)
-
-    def explode(pipe, step, timestep, kwargs):
-        if step == 1:
-            raise RuntimeError("boom")
-        return kwargs
-
-    guard = scfg.enable(tiny_z_image)
-    with pytest.raises(RuntimeError, match="boom"), guard:
-        run(tiny_z_image, callback_on_step_end=explode)
-    assert type(tiny_z_image) is cls and not guard.recording
-    assert not any(m._forward_hooks or m._forward_pre_hooks for m in tiny_z_image.transformer.modules())
+    assert_restored_after_exception(tiny_z_image, lambda callback: run(tiny_z_image, callback_on_step_end=callback))
 
 
 def transformer_inputs(dtype=torch.float64, lengths=(11, 40)):
