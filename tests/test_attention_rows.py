@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import weakref
 
+import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -221,3 +222,88 @@ def test_peak_extra_bytes_is_bounded_by_the_budget():
         assert 3 * products <= peak <= 4 * budget + 3 * products + copies
         assert previous <= peak < dense
         previous = peak
+
+
+# -- pooled queries and key columns (`SCFGConfig.mask_pool`, docs/algorithm.md section 9) ---------------------------
+
+
+def _cells_by_loop(grid, factor):
+    """For each cell of the pooled grid, the flat indices of the cells of `grid` it pools (row-major, frames kept)."""
+    *lead, h, w = grid
+    frames = int(np.prod(lead)) if lead else 1
+    out = []
+    for f in range(frames):
+        for i in range(0, h, factor):
+            for j in range(0, w, factor):
+                out.append(
+                    [f * h * w + y * w + x for y in range(i, min(h, i + factor)) for x in range(j, min(w, j + factor))]
+                )
+    return out
+
+
+@pytest.mark.parametrize("grid", [(5, 7), (3, 4, 6), (2, 3, 5)])
+def test_pool_cells_by_loop(grid):
+    from scfg.attention import pool_cells, pooled_grid
+
+    x = torch.randn(2, int(np.prod(grid)), 3, dtype=torch.float64)
+    cells = _cells_by_loop(grid, 2)
+    assert int(np.prod(pooled_grid(grid, 2))) == len(cells)
+    mean = torch.stack([x[:, c].mean(1) for c in cells], 1)
+    total = torch.stack([x[:, c].sum(1) for c in cells], 1)
+    first = torch.stack([x[:, c[0]] for c in cells], 1)
+    # at most 4 standard-normal values summed in another order (and divided by their count): a few roundings of
+    # values below ~10, so within 16 eps * 4 of each other absolutely
+    tol = dict(rtol=0, atol=64 * torch.finfo(torch.float64).eps)
+    torch.testing.assert_close(pool_cells(x, grid, 2, dim=1, reduce="mean"), mean, **tol)
+    torch.testing.assert_close(pool_cells(x, grid, 2, dim=1, reduce="sum"), total, **tol)
+    assert torch.equal(pool_cells(x, grid, 2, dim=1, reduce="first"), first)
+
+
+def test_pooled_rows_equal_the_softmax_of_cell_mean_queries_summed_over_key_cells():
+    """`pool_queries` then `pool_columns` against float64 by hand: each pooled query is its cells' mean query, its
+    head-averaged softmax over every key (a key mask included) is renormalised on the image block, and the block's
+    columns are summed per cell. A per-query bias takes each cell's first query's row."""
+    from scfg.attention import pooled_grid
+
+    grid, text, heads, dim = (5, 6), 4, 3, 8
+    q_len = int(np.prod(grid))
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, heads, q_len, dim, generator=g, dtype=torch.float64)
+    k = torch.randn(2, heads, text + q_len, dim, generator=g, dtype=torch.float64)
+    bias = torch.zeros(2, 1, 1, text + q_len, dtype=torch.float64)
+    bias[1, ..., 2:text] = float("-inf")  # the second sample's text is two tokens long
+    joint = AttentionRows(q, k, dim**-0.5, bias, budget=1 << 12)  # chunked: several rows at a time
+    pooled = joint.pool_queries(grid, 2)
+    assert pooled.shape == (2, 9, text + q_len) and pooled.query_tokens == q_len
+    image = pooled.select(slice(text, None)).pool_columns(grid, 2)
+    cross = pooled.select(slice(0, text))
+    assert image.query_tokens == q_len and image.shape == (2, 9, 9)
+    cells = _cells_by_loop(grid, 2)
+    q_bar = torch.stack([q[:, :, c].mean(2) for c in cells], 2)
+    probs = (q_bar @ k.transpose(-1, -2) * dim**-0.5 + bias).softmax(-1).mean(1)
+    block = probs[..., text:] / probs[..., text:].sum(-1, keepdim=True)
+    expected_image = torch.stack([block[..., c].sum(-1) for c in cells], -1)
+    expected_cross = probs[..., :text] / probs[..., :text].sum(-1, keepdim=True)
+    # float64, the same products summed in other orders (chunks, a 3-head mean, 4-cell sums): ~100 eps relative
+    tol = dict(rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(image.dense(), expected_image, **tol)
+    torch.testing.assert_close(cross.dense(), expected_cross, **tol)
+    torch.testing.assert_close(image.dense().sum(-1), torch.ones(2, 9, dtype=torch.float64), **tol)
+    x = torch.rand(2, 9, 5, dtype=torch.float64)
+    torch.testing.assert_close(image.matmul(x), expected_image @ x, **tol)
+    # a bias that varies along the queries: the first query of each cell gives the cell's row
+    per_query = torch.randn(2, 1, q_len, text + q_len, generator=g, dtype=torch.float64)
+    rows = AttentionRows(q, k, dim**-0.5, per_query).pool_queries(grid, 2)
+    first = torch.tensor([c[0] for c in cells])
+    expected = (q_bar @ k.transpose(-1, -2) * dim**-0.5 + per_query[:, :, first]).softmax(-1).mean(1)
+    torch.testing.assert_close(rows.dense(), expected, **tol)
+    assert pooled_grid(grid, 2) == (3, 3) and joint.pool_queries(grid, 1) is joint
+
+
+def test_pool_columns_needs_the_grid_of_its_columns():
+    q, k = torch.randn(1, 2, 6, 4), torch.randn(1, 2, 6, 4)
+    rows = AttentionRows(q, k, 0.5)
+    with pytest.raises(ValueError, match="column_pool"):
+        rows.pool_columns((2, 4), 2)  # 8 cells, 6 columns
+    with pytest.raises(ValueError, match="already"):
+        rows.pool_columns((2, 3), 2).pool_columns((1, 2), 2)

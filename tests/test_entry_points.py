@@ -100,3 +100,16 @@ def test_family_values_fill_only_auto_fields(tiny_sdxl_path, tiny_pixart_path):
     assert scfg.resolve_config(sdxl, scfg.SCFGConfig(layers_per_stack=None)).layers_per_stack is None
     assert scfg.resolve_config(pixart, scfg.SCFGConfig.preset("paper")).foreground_source == "cond"
     assert scfg.resolve_config(pixart, scfg.SCFGConfig(foreground_source="uncond")).foreground_source == "uncond"
+
+
+def test_mask_pool_is_the_familys_in_both_presets_and_checked(tiny_sd_path, tiny_pixart_path):
+    """Transformers whose tokens are 16 pixels apart pool 2x2 into masks (32 pixels apart, SD's recipe grid);
+    SD's latent/4 layers are already there. A value the user gives is kept, and a bad one named at the door."""
+    sd, pixart = load(tiny_sd_path), load(tiny_pixart_path)
+    for preset in ("official", "paper"):
+        assert scfg.resolve_config(sd, preset).mask_pool == 1
+        assert scfg.resolve_config(pixart, preset).mask_pool == 2
+    assert scfg.resolve_config(pixart, scfg.SCFGConfig(mask_pool=1)).mask_pool == 1
+    for bad in (0, 3, 2.0, True):
+        with pytest.raises(scfg.SCFGError, match="mask_pool"):
+            scfg.SCFGConfig(mask_pool=bad)

@@ -19,11 +19,14 @@ from tiny_chroma import GRID, HEIGHT, TEXT_WIDTH, WIDTH, build_tiny_chroma, tiny
 
 import scfg  # noqa: E402
 from scfg import SCFGConfig  # noqa: E402
+from scfg.attention import pooled_grid  # noqa: E402
 from scfg.capture import AttentionCapture  # noqa: E402
 from scfg.engine import CFGLayout  # noqa: E402
 from scfg.families import family_for  # noqa: E402
 from scfg.families.chroma import FAMILY  # noqa: E402
 from scfg.families.flux_attention import flux_qkv, flux_scale  # noqa: E402
+
+MASKS = pooled_grid(GRID, 2)  # the token grid pooled 2x2 (`mask_pool=2`, the family default)
 
 TEXT = 16  # max_sequence_length of the tests: 16 T5 positions
 KW = dict(height=HEIGHT, width=WIDTH, num_inference_steps=3, output_type="latent", max_sequence_length=TEXT)
@@ -82,7 +85,7 @@ def test_chroma_masks_per_sample_and_masked_padding_owns_nothing(tiny_chroma_pat
     plain = run(pipe, PROMPTS[0])
     assert [r.step for r in steps] == [0, 1, 2]  # the pipeline passes t / 1000: matched back to the schedule
     report = steps[0]
-    assert report.token_masks.shape == (4, TEXT, *GRID) and report.rate_map.shape == (4, 1, *GRID)
+    assert report.token_masks.shape == (4, TEXT, *MASKS) and report.rate_map.shape == (4, 1, *GRID)
     assert report.guidance_scale == 5.0  # ChromaPipeline's default
     lengths = kept_lengths(report)
     assert lengths[0] == lengths[1] < lengths[2] == lengths[3] < TEXT

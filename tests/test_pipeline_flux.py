@@ -45,7 +45,7 @@ def test_flux_true_cfg_gets_per_sample_masks_on_the_token_grid(tiny_flux_path):
     plain = run(pipe, ["a red cat", "two blue dogs on the grass"], num_images_per_prompt=2)
     assert [r.step for r in recorder.steps] == [0, 1, 2]  # FLUX passes t / 1000: matched back to the schedule
     report = recorder.steps[0]
-    assert report.token_masks.shape == (4, 16, 8, 12) and report.rate_map.shape == (4, 1, 8, 12)
+    assert report.token_masks.shape == (4, 16, 4, 6) and report.rate_map.shape == (4, 1, 8, 12)  # masks pooled 2x2
     assert report.guidance_scale == 4.0
     # every token cell belongs to some region; the prompts differ, so the masks of the two prompts differ
     assert report.token_masks.any(dim=1).all()
@@ -121,6 +121,16 @@ def test_flux_maps_equal_a_float64_reference(tiny_flux_path):
     torch.testing.assert_close(cross, text / text.sum(-1, keepdim=True), **tol)
     torch.testing.assert_close(self_rows.dense(), image / image.sum(-1, keepdim=True), **tol)
     assert cross.shape == (2, 96, 7) and self_rows.shape == (2, 96, 96)
+    # The family's default `mask_pool=2`: the 8x12 token grid's 2x2 cells' mean queries attend over all keys; the
+    # image block, renormalised, is summed over each cell's 4 keys: a square 4x6-cell self map.
+    cross, self_rows, grid = FAMILY.mask_attention(pair, layers, context, context.grid, 2)
+    q_bar = q[:, :, 7:].unflatten(2, (4, 2, 6, 2)).mean((3, 5)).flatten(2, 3)
+    probs = (q_bar @ k.transpose(-1, -2) * flux_scale(attn)).softmax(-1).mean(1)
+    text, image = probs[..., :7], probs[..., 7:]
+    image = (image / image.sum(-1, keepdim=True)).unflatten(-1, (4, 2, 6, 2)).sum((-3, -1)).flatten(-2)
+    assert grid == (4, 6) and cross.shape == (2, 24, 7) and self_rows.shape == (2, 24, 24)
+    torch.testing.assert_close(cross, text / text.sum(-1, keepdim=True), **tol)
+    torch.testing.assert_close(self_rows.dense(), image, **tol)
 
 
 def test_cli_compare_runs_flux_true_cfg(tiny_flux_path, tmp_path):

@@ -27,11 +27,14 @@ from tiny_flux2 import GRID, HEIGHT, QWEN_WIDTH, WIDTH, build_tiny_flux2_klein, 
 
 import scfg  # noqa: E402
 from scfg import SCFGConfig, SCFGError  # noqa: E402
+from scfg.attention import pooled_grid  # noqa: E402
 from scfg.capture import AttentionCapture, LayerCall  # noqa: E402
 from scfg.engine import CFGLayout  # noqa: E402
 from scfg.families import LayerPair, family_for  # noqa: E402
 from scfg.families.flux2 import FAMILY  # noqa: E402
 from scfg.families.flux2_attention import SUPPORTED_PROCESSORS, flux2_qkv, flux2_scale  # noqa: E402
+
+MASKS = pooled_grid(GRID, 2)  # the token grid pooled 2x2 (`mask_pool=2`, the family default)
 
 TEXT = 32  # max_sequence_length of the tests: the chat template (12 tokens), the prompt, then padding
 KW = dict(height=HEIGHT, width=WIDTH, num_inference_steps=3, output_type="latent", max_sequence_length=TEXT)
@@ -92,7 +95,7 @@ def test_klein_masks_are_per_sample_with_a_negative_of_another_length(tiny_klein
     plain = run(pipe, PROMPTS[0], negative_prompt_embeds=negative)
     assert [r.step for r in steps] == [0, 1, 2]  # the pipeline passes t / 1000: matched back to the schedule
     report = steps[0]
-    assert report.token_masks.shape == (4, TEXT, *GRID) and report.rate_map.shape == (4, 1, *GRID)
+    assert report.token_masks.shape == (4, TEXT, *MASKS) and report.rate_map.shape == (4, 1, *GRID)
     assert report.guidance_scale == 4.0  # Flux2KleinPipeline's default
     assert report.tokens[0][:3] == ["<|im_start|>", "user", "Ċ"] and report.tokens[0][-1] == "<|endoftext|>"
     assert report.token_masks.any(dim=1).all()  # every cell belongs to some region
@@ -127,7 +130,7 @@ def test_klein_with_a_reference_image_guides_the_generated_tokens_only(tiny_klei
         ours = run(pipe, "a red cat", image=reference)
     with scfg.enable(pipe, UNIT_RATE):
         unit = run(pipe, "a red cat", image=reference)
-    assert recorder.steps[0].token_masks.shape == (1, TEXT, *GRID)
+    assert recorder.steps[0].token_masks.shape == (1, TEXT, *MASKS)
     assert not torch.allclose(ours, plain)
     torch.testing.assert_close(unit, plain, rtol=0, atol=1e-12 * plain.abs().max().item())
 

@@ -31,6 +31,8 @@ from scfg.capture import AttentionCapture
 from scfg.families import family_for
 from scfg.families.hunyuan_video15 import FAMILY, hunyuan_video15_bias, hunyuan_video15_qk
 
+MASKS = (3, 2, 3)  # LATENT (patch 1: the token grid) pooled 2x2 per frame (`mask_pool=2`)
+
 KW = dict(height=HEIGHT, width=WIDTH, num_frames=FRAMES, num_inference_steps=3, output_type="latent")
 LAYER = "transformer_blocks.1.attn"
 Q = LATENT[0] * LATENT[1] * LATENT[2]  # image tokens: the 3x4x6 latent, patch 1
@@ -81,7 +83,7 @@ def test_tiny_pipeline_reloads_and_runs_with_the_released_text_layout(tiny_hv15_
     assert video.shape == (1, FRAMES, HEIGHT, WIDTH, 3) and np.isfinite(video).all()
     report = recorder.steps[0]
     # 729 image + 256 byT5 + 1000 MLLM positions; the token grid is the latent's (frames, height, width)
-    assert report.token_masks.shape == (1, 729 + 256 + 1000, *LATENT)
+    assert report.token_masks.shape == (1, 729 + 256 + 1000, *MASKS)
     # The prompt's own tokens sit after the byT5 glyph tokens and what the fixed crop leaves of the system message
     # (this byte-level tokenizer's system message is longer than 108 tokens); every other position is the pad token.
     pad = pipe.tokenizer.pad_token
@@ -195,8 +197,8 @@ def test_hunyuan_per_sample_masks_and_padding_never_owns_regions(tiny_hv15_path)
     plain = run(pipe, prompts, negatives)
     assert [r.step for r in recorder.steps] == [0, 1, 2]
     report = recorder.steps[0]
-    assert report.token_masks.shape == (4, 56, *LATENT) and report.rate_map.shape == (4, 1, *LATENT)
-    assert report.foreground_mask.shape == (4, 1, *LATENT) and report.guidance_scale == 6.0
+    assert report.token_masks.shape == (4, 56, *MASKS) and report.rate_map.shape == (4, 1, *LATENT)
+    assert report.foreground_mask.shape == (4, 1, *MASKS) and report.guidance_scale == 6.0
     cond, uncond = masks[0], masks[1]  # the guider runs the prompt's pass first
     assert not torch.equal(cond.sum(1), uncond.sum(1))
     assert report.token_masks.any(dim=1).all()  # every cell of every frame belongs to some region
@@ -217,7 +219,7 @@ def test_hunyuan_prompt_embeds_are_guided_without_tokens(tiny_hv15_path):
     handle.remove()
     assert ours.shape == (2, 4, *LATENT) and [r.step for r in recorder.steps] == [0, 1, 2]
     report = recorder.steps[0]
-    assert report.token_masks.shape == (2, 56, *LATENT) and report.tokens is None
+    assert report.token_masks.shape == (2, 56, *MASKS) and report.tokens is None
     assert not report.token_masks[~masks[0]].any()
 
 
@@ -335,5 +337,5 @@ def test_semantic_guider_on_the_stock_pipeline_reaches_this_family(tiny_hv15_pat
     pipe.guider = SemanticGuider(guidance_scale=6.0, scfg_config=config)
     pipe.guider.on_step = recorder = scfg.Recorder()
     ours = run(pipe, "a red cat on a mat", "blurry")
-    assert [r.step for r in recorder.steps] == [0, 1, 2] and recorder.steps[0].token_masks.shape[1:] == (56, *LATENT)
+    assert [r.step for r in recorder.steps] == [0, 1, 2] and recorder.steps[0].token_masks.shape[1:] == (56, *MASKS)
     torch.testing.assert_close(ours, plain, rtol=0, atol=1e-12 * plain.abs().max().item())  # as the unit-rate test

@@ -72,7 +72,7 @@ def test_krea2_batch_gets_per_sample_masks_and_padding_owns_none(tiny_krea2):
     plain = run(tiny_krea2, num_images_per_prompt=2)
     assert [r.step for r in recorder.steps] == [0, 1, 2]  # t / 1000 matched back to the schedule
     report = recorder.steps[0]
-    assert report.token_masks.shape == (4, TEXT, 8, 10) and report.rate_map.shape == (4, 1, 8, 10)
+    assert report.token_masks.shape == (4, TEXT, 4, 5) and report.rate_map.shape == (4, 1, 8, 10)  # masks pooled 2x2
     assert report.guidance_scale == 5.5  # the pipeline's g = 4.5 on c + g (c - u) is u + 5.5 (c - u)
     assert report.token_masks.any(dim=1).all()
     _, mask = tiny_krea2.encode_prompt(PROMPTS, device="cpu", num_images_per_prompt=2, max_sequence_length=TEXT)

@@ -58,7 +58,7 @@ def test_pixart_masks_per_sample_padding_never_owns_regions(tiny_pixart_path):
     # orders of magnitude, while a mask or rate taken from another sample moves them by far more than 1e-3
     torch.testing.assert_close(batched, torch.cat(singles), rtol=1e-9, atol=1e-9)
     report = recorder.steps[0]
-    assert report.token_masks.shape == (4, 24, 16, 24)  # latent 32x48 / patch 2
+    assert report.token_masks.shape == (4, 24, 8, 12)  # latent 32x48 / patch 2, pooled 2x2 (`mask_pool=2`)
     owners = report.token_masks.flatten(2).any(dim=2)
     # "a blue dog" is 3 words + </s>: padding positions 4.. never own a region
     assert not owners[2:, 4:].any() and owners[2:, :4].any()

@@ -28,6 +28,7 @@ from scfg.families.qwen_image import FAMILY, SUPPORTED_PROCESSORS, qwen_key_bias
 
 H, W = 64, 96  # an 8x12 token grid (VAE /4, 2x2 packing): non-square, so a (h, w) swap fails
 GRID = (8, 12)
+MASKS = (4, 6)  # GRID pooled 2x2 (`mask_pool=2`, the family default)
 KW = dict(height=H, width=W, num_inference_steps=3, output_type="latent")
 PROMPTS = ["a red cat", "two blue dogs on the grass"]  # 3 and 6 words: the first is padded (masked) in a batch
 NEGATIVE = "blurry, low quality"  # another text length than either prompt
@@ -104,7 +105,7 @@ def test_qwen_image_true_cfg_gets_per_sample_masks_on_the_token_grid(tiny_qwen_i
     plain = run(pipe, prompts, num_images_per_prompt=2)
     assert [r.step for r in recorder.steps] == [0, 1, 2]  # the pipeline passes t / 1000: matched to the schedule
     report = recorder.steps[0]
-    assert report.token_masks.shape == (4, 8, *GRID) and report.rate_map.shape == (4, 1, *GRID)
+    assert report.token_masks.shape == (4, 8, *MASKS) and report.rate_map.shape == (4, 1, *GRID)
     assert report.guidance_scale == 4.0
     assert report.tokens[1] == ["a", "Ġred", "Ġcat", *SUFFIX] and report.tokens[2][:3] == ["a", "Ġblue", "Ġdog"]
     assert report.token_masks.any(dim=1).all()  # every token cell belongs to some region
@@ -119,7 +120,7 @@ def test_qwen_image_masked_padding_never_owns_regions(tiny_qwen_image_path):
     with scfg.enable(pipe, on_step=recorder):
         run(pipe, PROMPTS)  # 8 and 11 tokens, the negative prompt 9: three padded, masked positions in sample 0
     for report in recorder.steps:
-        assert report.token_masks.shape == (2, 11, *GRID)
+        assert report.token_masks.shape == (2, 11, *MASKS)
         assert report.token_masks.any(dim=1).all()
         assert not report.token_masks[0, 8:].any()
         assert report.tokens[0][8:] == ["<|endoftext|>"] * 3

@@ -73,7 +73,7 @@ def test_sd3_per_sample_masks_and_clip_plus_t5_tokens(tiny_sd3_path):
     # taken from another sample moves them by far more than 1e-3
     torch.testing.assert_close(batched, torch.cat(singles), rtol=1e-9, atol=1e-9)
     report = recorder.steps[0]
-    assert report.token_masks.shape == (4, 77 + 16, 16, 24)
+    assert report.token_masks.shape == (4, 77 + 16, 8, 12)  # tokens 16x24, pooled 2x2 (`mask_pool=2`)
     tokens = report.tokens[2]
     assert tokens[:4] == ["<|startoftext|>", "a</w>", "blue</w>", "dog</w>"]
     assert tokens[77:81] == ["▁a", "▁blue", "▁dog", "</s>"]

@@ -23,10 +23,13 @@ from tiny_wan import FRAMES, HEIGHT, LATENT, TOKENS, WIDTH, build_tiny_wan, tiny
 
 import scfg  # noqa: E402
 from scfg import SCFGConfig, SCFGError  # noqa: E402
+from scfg.attention import pooled_grid  # noqa: E402
 from scfg.capture import AttentionCapture  # noqa: E402
 from scfg.engine import CFGLayout, MapAccumulator, step_regions  # noqa: E402
 from scfg.families import family_for  # noqa: E402
 from scfg.families.wan import FAMILY, wan_qk  # noqa: E402
+
+MASKS = pooled_grid(TOKENS, 2)  # the token grid pooled 2x2 per frame (`mask_pool=2`, the family default)
 
 TEXT = 16  # max_sequence_length of the text-to-video tests: 16 UMT5 positions, zero-padded after the prompt
 KW = dict(height=HEIGHT, width=WIDTH, num_frames=FRAMES, num_inference_steps=3, output_type="latent")
@@ -102,7 +105,7 @@ def test_wan_masks_are_per_sample_on_the_video_token_grid(tiny_wan_path):
     assert [r.step for r in recorder.steps] == [0, 1, 2]
     report = recorder.steps[0]
     # masks [B, T, f, h, w] on the token grid (latent / patch), the rate on the latent grid the rule runs on
-    assert report.token_masks.shape == (2, TEXT, *TOKENS) and report.rate_map.shape == (2, 1, *LATENT)
+    assert report.token_masks.shape == (2, TEXT, *MASKS) and report.rate_map.shape == (2, 1, *LATENT)
     assert report.guidance_scale == 5.0  # WanPipeline's default
     assert_padding_owns_nothing(report.token_masks, real_lengths(report))
     assert not torch.equal(report.token_masks[0], report.token_masks[1])
@@ -123,7 +126,7 @@ def test_wan_prompt_embeds_two_prompts_two_videos_each(tiny_wan_path):
     with scfg.enable(pipe, on_step=recorder):
         pipe(**kwargs, **KW)
     report = recorder.steps[-1]
-    assert report.token_masks.shape == (4, TEXT, *TOKENS) and report.tokens is None
+    assert report.token_masks.shape == (4, TEXT, *MASKS) and report.tokens is None
     assert_padding_owns_nothing(report.token_masks, lengths)
     assert not torch.equal(report.token_masks[0], report.token_masks[2])  # another prompt, other regions
 
@@ -133,7 +136,7 @@ def test_wan_text_prompts_two_videos_each(tiny_wan_path):
     recorder = scfg.Recorder()
     with scfg.enable(pipe, on_step=recorder):
         run(pipe, PROMPTS, num_videos_per_prompt=2)
-    assert recorder.steps and recorder.steps[0].token_masks.shape == (4, TEXT, *TOKENS)
+    assert recorder.steps and recorder.steps[0].token_masks.shape == (4, TEXT, *MASKS)
 
 
 def test_wan_unit_rate_equals_stock_cfg(tiny_wan_path):
@@ -379,7 +382,7 @@ def test_wan_i2v_pipeline_is_guided_on_its_text_tokens(tiny_wan_i2v_path, monkey
         unit = call()
     report = recorder.steps[0]
     assert [r.step for r in recorder.steps] == [0, 1]
-    assert report.token_masks.shape == (1, 512, *TOKENS)  # the text alone: no image token owns a region
+    assert report.token_masks.shape == (1, 512, *MASKS)  # the text alone: no image token owns a region
     assert_padding_owns_nothing(report.token_masks, real_lengths(report))
     assert not torch.allclose(ours, plain)
     torch.testing.assert_close(unit, plain, rtol=0, atol=1e-12 * plain.abs().max().item())

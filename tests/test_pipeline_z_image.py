@@ -81,7 +81,7 @@ def test_z_image_batch_gets_per_sample_masks_and_padding_owns_none(tiny_z_image)
     lengths = caption_lengths(tiny_z_image, PROMPTS + NEGATIVES)
     text = max(lengths)  # the longest caption of the call, cond or uncond
     report = recorder.steps[0]
-    assert report.token_masks.shape == (4, text, 8, 10)
+    assert report.token_masks.shape == (4, text, 4, 5)  # the 8x10 patch grid pooled 2x2 (`mask_pool=2`)
     assert report.guidance_scale == 6.0  # the pipeline's g = 5 on c + g (c - u) is u + 6 (c - u)
     assert report.token_masks.any(dim=1).all()  # every cell belongs to a region
     for sample, length in enumerate([lengths[0], lengths[0], lengths[1], lengths[1]]):

@@ -11,17 +11,58 @@ Pure tensor code: no diffusers, no transformers, no state outside the object.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["DEFAULT_BUDGET", "AttentionRows", "peak_extra_bytes"]
+__all__ = ["DEFAULT_BUDGET", "AttentionRows", "peak_extra_bytes", "pool_cells", "pooled_grid"]
 
 # Bytes of scores formed at once: 2**26 float32 elements, the head chunk `capture.head_averaged_softmax` has always
 # used, so that with this budget the head chunks, hence the sums, are the same as there.
 DEFAULT_BUDGET = 1 << 28
 
 _RENORM_EPS = 1e-12
+
+
+def pooled_grid(grid: Sequence[int], factor: int) -> tuple[int, ...]:
+    """The grid whose cells pool `factor x factor` cells of `grid`'s last two (spatial) axes, ceil-divided (a
+    partial cell at the right or bottom edge is a cell); leading axes (frames) are kept.
+
+    >>> pooled_grid((3, 17, 23), 2)
+    (3, 9, 12)
+    """
+    *lead, h, w = (int(n) for n in grid)
+    return (*lead, -(-h // factor), -(-w // factor))
+
+
+def pool_cells(
+    x: torch.Tensor, grid: Sequence[int], factor: int, dim: int, reduce: Literal["mean", "sum", "first"]
+) -> torch.Tensor:
+    """Pool axis `dim` of `x`, which holds the `prod(grid)` cells of `grid` in row-major order, into the cells of
+    `pooled_grid(grid, factor)`: their mean, their sum, or the first (top-left) cell of each. Edge cells pool what
+    they have (a mean over the cells present)."""
+    grid = tuple(int(n) for n in grid)
+    if x.shape[dim] != math.prod(grid):
+        raise ValueError(f"Expected {math.prod(grid)} cells of the grid {grid} on axis {dim}, but got {x.shape[dim]}.")
+    *lead, h, w = grid
+    out_grid = pooled_grid(grid, factor)
+    moved = x.movedim(dim, -1)
+    cells = moved.reshape(*moved.shape[:-1], *lead, h, w)
+    if reduce == "first":
+        pooled = cells[..., ::factor, ::factor]
+    else:
+        pad_h, pad_w = out_grid[-2] * factor - h, out_grid[-1] * factor - w
+        padded = F.pad(cells, (0, pad_w, 0, pad_h))
+        pooled = padded.unflatten(-1, (out_grid[-1], factor)).unflatten(-3, (out_grid[-2], factor)).sum((-3, -1))
+        if reduce == "mean":
+            counts = F.pad(torch.ones(h, w, dtype=x.dtype, device=x.device), (0, pad_w, 0, pad_h))
+            pooled = pooled / counts.unflatten(-1, (out_grid[-1], factor)).unflatten(0, (out_grid[-2], factor)).sum(
+                (1, 3)
+            )
+    return pooled.flatten(-len(grid)).movedim(-1, dim)
 
 
 class AttentionRows:
@@ -46,6 +87,9 @@ class AttentionRows:
             text block are read separately.
         budget (`int`, defaults to `DEFAULT_BUDGET`): bytes of scores `[B, heads, rows, K]` formed at once; their
             softmax transiently takes as much again (see `peak_extra_bytes`).
+        column_pool (`(grid, factor)`, *optional*): the kept columns are the cells of `grid` (the image keys of a
+            self-attention block); sum them into the cells of `pooled_grid(grid, factor)` after any renormalisation,
+            so each row gives the probability of attending to each pooled cell (`pool_columns`).
 
     >>> q = torch.randn(2, 3, 5, 4); k = torch.randn(2, 3, 5, 4)
     >>> rows = AttentionRows(q, k, 0.5, budget=64)
@@ -66,6 +110,7 @@ class AttentionRows:
         columns: slice | None = None,
         renormalise: bool = False,
         budget: int = DEFAULT_BUDGET,
+        column_pool: tuple[tuple[int, ...], int] | None = None,
     ) -> None:
         if query.ndim != 4 or key.ndim != 4 or query.shape[:2] != key.shape[:2] or query.shape[3] != key.shape[3]:
             raise ValueError(
@@ -92,9 +137,21 @@ class AttentionRows:
         kept = len(range(num_keys)[columns]) if columns is not None else num_keys
         if kept == 0:
             raise ValueError(f"Expected `columns` that keep at least one of the {num_keys} keys, but got {columns}.")
+        if column_pool is not None:
+            pool_grid, factor = tuple(int(n) for n in column_pool[0]), int(column_pool[1])
+            if math.prod(pool_grid) != kept or factor < 1:
+                raise ValueError(
+                    f"Expected `column_pool` over the {kept} kept columns and a factor >= 1, but got {column_pool}."
+                )
+            column_pool = (pool_grid, factor)
+            kept = math.prod(pooled_grid(pool_grid, factor))
         self.query, self.key, self.scale, self.bias = query, key, float(scale), bias
         self.columns, self.renormalise, self.budget = columns, bool(renormalise), int(budget)
+        self.column_pool = column_pool
         self.shape = (batch, num_queries, kept)
+        # the query tokens these rows stand for: Q, or the full grid's count for the pooled queries of
+        # `pool_queries` (joint attention's image-key block is as long as this, not as the pooled rows)
+        self.query_tokens = num_queries
         self._heads, self._num_keys = heads, num_keys
         self._dense: torch.Tensor | None = None
         # the full head-averaged rows, formed once for this object and every `select` of it when they fit the
@@ -166,7 +223,54 @@ class AttentionRows:
             budget=self.budget,
         )
         selected._shared = self._shared  # the same object's private state: one softmax for every block read
+        selected.query_tokens = self.query_tokens
         return selected
+
+    def pool_queries(self, grid: Sequence[int], factor: int) -> AttentionRows:
+        """Return the rows of pooled queries: the queries are the cells of `grid` (`prod(grid) == Q`), and each cell
+        of `pooled_grid(grid, factor)` gets the mean of its `factor x factor` queries (after their norms and rotary
+        embedding), so forming its row costs `1 / factor²` of the full rows (docs/algorithm.md section 9). A bias
+        that varies along the queries takes each cell's first query's row (exact for key masks broadcast over the
+        queries). Nothing is formed yet; the new object shares no rows with this one."""
+        if factor == 1:
+            return self
+        bias = self.bias
+        if bias is not None and bias.shape[2] > 1:
+            bias = pool_cells(bias, grid, factor, dim=2, reduce="first")
+        pooled = AttentionRows(
+            pool_cells(self.query, grid, factor, dim=2, reduce="mean"),
+            self.key,
+            self.scale,
+            bias,
+            columns=self.columns,
+            renormalise=self.renormalise,
+            budget=self.budget,
+            column_pool=self.column_pool,
+        )
+        pooled.query_tokens = self.query_tokens
+        return pooled
+
+    def pool_columns(self, grid: Sequence[int], factor: int) -> AttentionRows:
+        """Return these rows with their kept columns, the cells of `grid`, summed into the cells of
+        `pooled_grid(grid, factor)` (a self-attention block over the image keys, made square on the pooled grid
+        of `pool_queries`). Shares the full rows with this object."""
+        if factor == 1:
+            return self
+        if self.column_pool is not None:
+            raise ValueError("Expected rows whose columns are not pooled yet, but these already are.")
+        pooled = AttentionRows(
+            self.query,
+            self.key,
+            self.scale,
+            self.bias,
+            columns=self.columns,
+            renormalise=self.renormalise,
+            budget=self.budget,
+            column_pool=(tuple(grid), factor),
+        )
+        pooled._shared = self._shared
+        pooled.query_tokens = self.query_tokens
+        return pooled
 
     def _head_average(self, start: int, stop: int) -> torch.Tensor:
         """Full head-averaged rows `start:stop`, `[B, n, K]`, heads in chunks whose scores fit in the budget."""
@@ -195,9 +299,11 @@ class AttentionRows:
         if self.columns is not None:
             rows = rows[..., self.columns]
         if self.renormalise:
-            return rows / rows.sum(dim=-1, keepdim=True).clamp_min(_RENORM_EPS)
+            rows = rows / rows.sum(dim=-1, keepdim=True).clamp_min(_RENORM_EPS)
+        if self.column_pool is not None:
+            return pool_cells(rows, self.column_pool[0], self.column_pool[1], dim=-1, reduce="sum")
         # a copy of the kept block only, so that the full rows can be freed
-        return rows.contiguous()
+        return rows if self.renormalise else rows.contiguous()
 
 
 def peak_extra_bytes(

@@ -43,6 +43,14 @@ class SCFGConfig:
         layers_per_level (`int | None`, defaults to `None`):
             Use only the last `k` attention layers (in forward order) of each level; `None` uses all. The released
             DeepFloyd IF code uses 3 (the IF `official` preset sets it).
+        mask_pool (`int`, defaults to `1`):
+            Masks on a grid `mask_pool` times coarser than the finest captured layer's (a power of two): each mask
+            cell's queries are averaged before its attention rows are formed, and a self-attention's key columns
+            are summed per cell (docs/algorithm.md section 9), so a captured layer costs about `1 / mask_pool²` of
+            its full-grid maps. `1` keeps the layer's own grid (the UNets: SD's latent/4 and latent/8 layers, the
+            released code's grids). The transformer families whose tokens are 16 pixels apart (PixArt, SD3, FLUX,
+            Qwen-Image, Wan, ...) take 2 in both presets: masks 32 pixels apart, the grid SD's recipe has at its
+            own resolution (16x16 at 512 px).
         layers_per_stack (`int | None`, defaults to `None`):
             Inside a UNet's attention stack (one `Transformer2DModel` with several transformer blocks, as in SDXL's
             10-deep stacks), use only the last `k` blocks; `None` uses all. SD 1.x/2.x stacks have one block, so
@@ -100,6 +108,7 @@ class SCFGConfig:
     levels: tuple[int, ...] | Auto | None = AUTO
     layers_per_level: int | Auto | None = AUTO
     layers_per_stack: int | Auto | None = AUTO
+    mask_pool: int | Auto = AUTO
     completion: Literal["official", "power_mean", "none"] | Auto = AUTO
     completion_order: int | Auto = AUTO
     token_map_smoothing: float | Auto | None = AUTO
@@ -228,6 +237,13 @@ def _positive_int(value: Any) -> int:
     return value
 
 
+def _power_of_two(value: Any) -> int:
+    value = _positive_int(value)
+    if value & (value - 1):
+        raise TypeError
+    return value
+
+
 def _positive_real(value: Any) -> float:
     if not _is_real(value) or not math.isfinite(value) or value <= 0:
         raise TypeError
@@ -264,6 +280,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "levels": _optional(_levels),
     "layers_per_level": _optional(_positive_int),
     "layers_per_stack": _optional(_positive_int),
+    "mask_pool": _power_of_two,
     "completion": _choice("official", "power_mean", "none"),
     "completion_order": _positive_int,
     "token_map_smoothing": _optional(_positive_real),
@@ -287,6 +304,7 @@ _EXPECTED = {
     "levels": "as None or a non-empty tuple of distinct powers of two such as (4, 8) (a tuple, also for one level: (4,))",
     "layers_per_level": "as an int >= 1 or None",
     "layers_per_stack": "as an int >= 1 or None",
+    "mask_pool": "as a power of two >= 1 (1: the layer's own grid)",
     "completion_order": "as an int >= 1",
     "token_map_smoothing": "as a number > 0 or None",
     "rate_map_smoothing": "as a number > 0 or None",
@@ -308,6 +326,7 @@ _OFFICIAL: dict[str, Any] = {
     "levels": None,
     "layers_per_level": None,
     "layers_per_stack": None,
+    "mask_pool": 1,
     "completion": "official",
     "completion_order": 4,
     "token_map_smoothing": 0.5,

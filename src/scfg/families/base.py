@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..attention import AttentionRows
+from ..attention import AttentionRows, pool_cells, pooled_grid
 from ..capture import LayerCall, default_attention
 from ..engine import CFGLayout
 
@@ -73,15 +73,16 @@ def last_valid_token(cross_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 def text_first_split(joint: AttentionRows, text: int | None = None) -> tuple[torch.Tensor, AttentionRows]:
     """`(cross, self)` of joint attention over `[text; image]` keys (FLUX, Qwen-Image, Krea 2): the text block
     (renormalised, dense) and the image block (renormalised), docs/algorithm.md section 4's split. `text` defaults
-    to the keys beyond the image queries."""
-    text = joint.shape[2] - joint.shape[1] if text is None else text
-    return joint.select(slice(0, text)).dense(), joint.select(slice(text, text + joint.shape[1]))
+    to the keys beyond the image queries (`query_tokens`: the full grid's, also for pooled queries)."""
+    images = joint.query_tokens
+    text = joint.shape[2] - images if text is None else text
+    return joint.select(slice(0, text)).dense(), joint.select(slice(text, text + images))
 
 
 def image_first_split(joint: AttentionRows) -> tuple[torch.Tensor, AttentionRows]:
     """`(cross, self)` of joint attention over `[image; text]` keys (SD3, HunyuanVideo 1.5), as `text_first_split`."""
-    q = joint.shape[1]
-    return joint.select(slice(q, None)).dense(), joint.select(slice(0, q))
+    images = joint.query_tokens
+    return joint.select(slice(images, None)).dense(), joint.select(slice(0, images))
 
 
 def scale_argument(arguments: Mapping[str, Any], name: str) -> float | None:
@@ -99,6 +100,9 @@ class Family:
 
     name = "base"
     default_levels: tuple[int, ...] = (4, 8)
+    # `SCFGConfig.mask_pool` in every preset: 1 where the finest captured grid is SD's (latent/4 of an 8x VAE,
+    # 32 pixels apart); 2 where a transformer's tokens are 16 pixels apart, so that its masks are 32 apart as well
+    default_mask_pool: int = 1
     projections: tuple[str, ...] = ("to_q", "to_k")  # projection modules whose outputs `attention` reuses
 
     def matches(self, pipe: Any) -> bool:
@@ -130,6 +134,28 @@ class Family:
         """`(cross [B, Q, T], self [B, Q, Q] or None)` of a pair whose layers have run, image queries only."""
         self_rows = rows[pair.self_attn] if pair.self_attn is not None else None
         return rows[pair.cross].dense(), self_rows
+
+    def mask_attention(
+        self,
+        pair: LayerPair,
+        rows: Mapping[str, AttentionRows],
+        context: PassContext | None,
+        grid: tuple[int, ...],
+        pool: int = 1,
+    ) -> tuple[torch.Tensor, torch.Tensor | AttentionRows | None, tuple[int, ...]]:
+        """`(cross, self, grid)` of a pair on the mask grid: `layer_attention` on the layer's own `grid`, or with
+        `pool > 1` (`SCFGConfig.mask_pool`) on the grid `pool` times coarser: every layer's queries pooled per cell
+        before `layer_attention` reads its blocks, and the self block's key columns summed per cell
+        (docs/algorithm.md section 9)."""
+        if pool == 1:
+            return (*self.layer_attention(pair, rows, context), grid)
+        pooled = {name: r.pool_queries(grid, pool) for name, r in rows.items()}
+        cross, self_attention = self.layer_attention(pair, pooled, context)
+        if isinstance(self_attention, AttentionRows):
+            self_attention = self_attention.pool_columns(grid, pool)
+        elif self_attention is not None:
+            self_attention = pool_cells(self_attention, grid, pool, dim=-1, reduce="sum")
+        return cross, self_attention, pooled_grid(grid, pool)
 
     def word_mask(self, segments: list[tuple[Any, torch.Tensor]]) -> torch.Tensor:
         """`[P, T]` bool: which of `tokenize`'s positions are the prompt's words (`region_tokens="words"`, per-word

@@ -130,7 +130,7 @@ class DeepFloydIFFamily(SDUNetFamily):
         joint = rows[pair.cross]
         if pair.self_attn is None:
             return joint.dense(), None
-        num_text = joint.shape[2] - joint.shape[1]
+        num_text = joint.shape[2] - joint.query_tokens
         # the released code splits the joint rows without renormalising them (docs/algorithm.md section 4)
         return joint.select(slice(0, num_text), renormalise=False).dense(), joint.select(
             slice(num_text, None), renormalise=False

@@ -41,6 +41,7 @@ class FluxFamily(Family):
 
     name = "flux"
     default_levels = (1,)
+    default_mask_pool = 2  # tokens 16 pixels apart: masks 32 apart, as SD's recipe has (base.Family)
     projections = ("to_q", "to_k", "add_q_proj", "add_k_proj", "to_qkv", "to_added_qkv")
 
     def matches(self, pipe: Any) -> bool:

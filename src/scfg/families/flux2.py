@@ -57,6 +57,7 @@ class Flux2KleinFamily(Family):
 
     name = "flux2_klein"
     default_levels = (1,)
+    default_mask_pool = 2  # tokens 16 pixels apart: masks 32 apart, as SD's recipe has (base.Family)
     projections = ("to_q", "to_k", "add_q_proj", "add_k_proj", "to_qkv", "to_added_qkv", "to_qkv_mlp_proj")
 
     def matches(self, pipe: Any) -> bool:
@@ -102,7 +103,7 @@ class Flux2KleinFamily(Family):
         self, pair: LayerPair, rows: Mapping[str, AttentionRows], context: PassContext | None
     ) -> tuple[torch.Tensor, AttentionRows]:
         joint = rows[pair.cross]
-        text, generated = context.extra["text_len"], joint.shape[1]
+        text, generated = context.extra["text_len"], joint.query_tokens
         # text keys first, then the generated tokens' keys (reference-image keys after them are in neither block);
         # each block's rows renormalised: the joint-softmax split of docs/algorithm.md section 4
         return joint.select(slice(0, text)).dense(), joint.select(slice(text, text + generated))

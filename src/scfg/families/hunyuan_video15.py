@@ -144,6 +144,7 @@ class HunyuanVideo15Family(Family):
 
     name = "hunyuan_video15"
     default_levels = (1,)
+    default_mask_pool = 2  # tokens 16 pixels apart: masks 32 apart, as SD's recipe has (base.Family)
     projections = ("to_q", "to_k", "add_k_proj")  # the processor's own (no text queries needed)
 
     def matches(self, pipe: Any) -> bool:

@@ -99,6 +99,7 @@ class Krea2Family(Family):
 
     name = "krea2"
     default_levels = (1,)
+    default_mask_pool = 2  # tokens 16 pixels apart: masks 32 apart, as SD's recipe has (base.Family)
     projections = ("to_q", "to_k")
 
     def matches(self, pipe: Any) -> bool:

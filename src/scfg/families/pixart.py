@@ -33,6 +33,7 @@ class PixArtFamily(SDUNetFamily):
 
     name = "pixart"
     default_levels = (2,)
+    default_mask_pool = 2  # tokens 16 pixels apart: masks 32 apart, as SD's recipe has (base.Family)
 
     def matches(self, pipe: Any) -> bool:
         return type(getattr(pipe, "transformer", None)).__name__ == "PixArtTransformer2DModel"

@@ -237,6 +237,7 @@ class QwenImageFamily(Family):
 
     name = "qwen_image"
     default_levels = (1,)
+    default_mask_pool = 2  # tokens 16 pixels apart: masks 32 apart, as SD's recipe has (base.Family)
     projections = ("to_q", "to_k", "add_q_proj", "add_k_proj")
 
     def matches(self, pipe: Any) -> bool:

@@ -83,6 +83,7 @@ class SD3Family(SDUNetFamily):
 
     name = "sd3_mmdit"
     default_levels = (2,)
+    default_mask_pool = 2  # tokens 16 pixels apart: masks 32 apart, as SD's recipe has (base.Family)
     projections = ("to_q", "to_k", "add_k_proj")  # reused from the processor's own call (no text queries needed)
 
     def attention(self, module: nn.Module, call: LayerCall, context: PassContext | None, budget: int | None):

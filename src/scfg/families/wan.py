@@ -142,6 +142,7 @@ class WanFamily(Family):
 
     name = "wan"
     default_levels = (2,)
+    default_mask_pool = 2  # tokens 16 pixels apart: masks 32 apart, as SD's recipe has (base.Family)
     projections = ("to_q", "to_k", "to_qkv", "to_kv")
 
     def matches(self, pipe: Any) -> bool:

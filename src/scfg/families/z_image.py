@@ -137,6 +137,7 @@ class ZImageFamily(Family):
 
     name = "z_image"
     default_levels = (2,)
+    default_mask_pool = 2  # tokens 16 pixels apart: masks 32 apart, as SD's recipe has (base.Family)
     projections = ("to_q", "to_k")
 
     def matches(self, pipe: Any) -> bool:
@@ -178,7 +179,7 @@ class ZImageFamily(Family):
         self, pair: LayerPair, rows: Mapping[str, AttentionRows], context: PassContext | None
     ) -> tuple[torch.Tensor, AttentionRows]:
         joint = rows[pair.cross]
-        images = joint.shape[1]
+        images = joint.query_tokens
         start = context.extra["image_len"]  # type: ignore[union-attr]  # the caption starts after the image padding
         lengths = torch.tensor(context.extra["text_lens"])  # type: ignore[union-attr]
         text = int(lengths.max())

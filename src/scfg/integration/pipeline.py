@@ -38,7 +38,7 @@ from torch import nn
 
 from ..attention import DEFAULT_BUDGET, AttentionRows
 from ..capture import AttentionCapture, grid_for, level_grid
-from ..config import SCFGConfig, SCFGError
+from ..config import PRESETS, SCFGConfig, SCFGError
 from ..diagnostics import StepReport
 from ..engine import CFGLayout, MapAccumulator, PassMaps, Regions, guided_prediction, rewrite, step_regions
 from ..families import LayerPair, ModelFamily, PassContext, family_for
@@ -166,7 +166,10 @@ def resolve_config(pipe: Any, config: SCFGConfig | str | None = None) -> SCFGCon
             f"Expected `config` as an SCFGConfig or a preset name ('official', 'paper'), but got "
             f"{type(config).__name__}."
         )
-    return config.resolve(family.preset_overrides(pipe))
+    overrides = family.preset_overrides(pipe)
+    # the family's mask pooling applies to every preset unless the family's own overrides say otherwise
+    presets = {name: {"mask_pool": family.default_mask_pool, **overrides.get(name, {})} for name in PRESETS}
+    return config.resolve(presets)
 
 
 def guidance_arguments(pipe: Any, scale: float, negative_prompt: Any = None) -> dict[str, Any]:
@@ -543,7 +546,7 @@ class SemanticGuidance:
         needed = role == "batch" or role in (self.config.token_source, self.config.foreground_source)
         if not reuse and needed:
             current.accumulator = MapAccumulator(
-                level_grid(context.grid, min(self.levels)),
+                level_grid(context.grid, min(self.levels) * self.config.mask_pool),
                 self.config.completion,
                 self.config.completion_order,
                 self.config.token_map_smoothing,
@@ -562,15 +565,19 @@ class SemanticGuidance:
                 continue
             # the per-layer work: the probabilities (formed here, from the kept q/k), the completion and the maps
             with torch.profiler.record_function("scfg.maps"):
-                cross, self_attention = self.family.layer_attention(pair, current.waiting, current.context)
-                grid = grid_for(cross.shape[1], current.context.grid)
+                queries = current.waiting[pair.cross].shape[1]
+                grid = grid_for(queries, current.context.grid)
                 expected = level_grid(current.context.grid, pair.level)
                 if grid != expected:
                     shape = "x".join(str(n) for n in current.context.grid)
                     raise SCFGError(
                         f"Expected layer `{pair.cross}` at latent/{pair.level} of the {shape} latent, but its "
-                        f"{cross.shape[1]} queries form a {'x'.join(str(n) for n in grid)} grid."
+                        f"{queries} queries form a {'x'.join(str(n) for n in grid)} grid."
                     )
+                pooled = {n: current.waiting[n] for n in names}
+                cross, self_attention, grid = self.family.mask_attention(
+                    pair, pooled, current.context, grid, self.config.mask_pool
+                )
                 current.accumulator.add(cross, self_attention, grid)  # type: ignore[union-attr]
             current.done.add(pair)
             del cross, self_attention
