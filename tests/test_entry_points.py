@@ -113,3 +113,18 @@ def test_mask_pool_is_the_familys_in_both_presets_and_checked(tiny_sd_path, tiny
     for bad in (0, 3, 2.0, True):
         with pytest.raises(scfg.SCFGError, match="mask_pool"):
             scfg.SCFGConfig(mask_pool=bad)
+
+
+@pytest.mark.filterwarnings("ignore:.*never entered:RuntimeWarning")  # only the chosen layers are read
+def test_max_layers_keeps_the_middle_ones_in_forward_order(tiny_sd_path, tiny_pixart_path):
+    sd, pixart = load(tiny_sd_path), load(tiny_pixart_path)
+    assert scfg.resolve_config(sd, "official").max_layers is None
+    assert scfg.resolve_config(pixart, "paper").max_layers == 3
+    every = scfg.enable(sd, scfg.SCFGConfig(max_layers=None)).pairs
+    assert len(every) >= 3
+    for k in range(1, len(every) + 2):
+        chosen = scfg.enable(sd, scfg.SCFGConfig(max_layers=k)).pairs
+        start = max(0, (len(every) - k) // 2)
+        assert chosen == every[start : start + k], k  # the middle k; all of them when k is larger
+    with pytest.raises(scfg.SCFGError, match="max_layers"):
+        scfg.SCFGConfig(max_layers=0)

@@ -43,6 +43,10 @@ class SCFGConfig:
         layers_per_level (`int | None`, defaults to `None`):
             Use only the last `k` attention layers (in forward order) of each level; `None` uses all. The released
             DeepFloyd IF code uses 3 (the IF `official` preset sets it).
+        max_layers (`int | None`, defaults to `None`):
+            Use at most `k` of the layers the knobs above keep, per denoiser: the `k` nearest the middle of them in
+            forward order. `None` keeps all (the UNets: the released code's layers). The transformer families take
+            3 in both presets: of their middle half of blocks, the 3 at mid-depth (docs/algorithm.md section 9).
         mask_pool (`int`, defaults to `1`):
             Masks on a grid `mask_pool` times coarser than the finest captured layer's (a power of two): each mask
             cell's queries are averaged before its attention rows are formed, and a self-attention's key columns
@@ -108,6 +112,7 @@ class SCFGConfig:
     levels: tuple[int, ...] | Auto | None = AUTO
     layers_per_level: int | Auto | None = AUTO
     layers_per_stack: int | Auto | None = AUTO
+    max_layers: int | Auto | None = AUTO
     mask_pool: int | Auto = AUTO
     completion: Literal["official", "power_mean", "none"] | Auto = AUTO
     completion_order: int | Auto = AUTO
@@ -280,6 +285,7 @@ _CHECKS: dict[str, Callable[[Any], Any]] = {
     "levels": _optional(_levels),
     "layers_per_level": _optional(_positive_int),
     "layers_per_stack": _optional(_positive_int),
+    "max_layers": _optional(_positive_int),
     "mask_pool": _power_of_two,
     "completion": _choice("official", "power_mean", "none"),
     "completion_order": _positive_int,
@@ -304,6 +310,7 @@ _EXPECTED = {
     "levels": "as None or a non-empty tuple of distinct powers of two such as (4, 8) (a tuple, also for one level: (4,))",
     "layers_per_level": "as an int >= 1 or None",
     "layers_per_stack": "as an int >= 1 or None",
+    "max_layers": "as an int >= 1 or None (None: every layer)",
     "mask_pool": "as a power of two >= 1 (1: the layer's own grid)",
     "completion_order": "as an int >= 1",
     "token_map_smoothing": "as a number > 0 or None",
@@ -326,6 +333,7 @@ _OFFICIAL: dict[str, Any] = {
     "levels": None,
     "layers_per_level": None,
     "layers_per_stack": None,
+    "max_layers": None,
     "mask_pool": 1,
     "completion": "official",
     "completion_order": 4,

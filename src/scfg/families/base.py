@@ -103,6 +103,9 @@ class Family:
     # `SCFGConfig.mask_pool` in every preset: 1 where the finest captured grid is SD's (latent/4 of an 8x VAE,
     # 32 pixels apart); 2 where a transformer's tokens are 16 pixels apart, so that its masks are 32 apart as well
     default_mask_pool: int = 1
+    # `SCFGConfig.max_layers` in every preset: None keeps every layer the family lists (the UNets' recipe); the
+    # transformers take 3 of their middle half, the mid-depth ones (docs/algorithm.md section 9)
+    default_max_layers: int | None = None
     projections: tuple[str, ...] = ("to_q", "to_k")  # projection modules whose outputs `attention` reuses
 
     def matches(self, pipe: Any) -> bool:

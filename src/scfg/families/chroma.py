@@ -11,7 +11,7 @@ How the pipeline runs CFG: two separate transformer passes per step, the prompt 
 Region definition:
 - The token grid, the packed 2x2 latent `[B, L, 64]` and the joint attention over `[text; image]` (text first,
   `norm_q/norm_k`, RoPE on the whole sequence) are FLUX.1's (`flux_attention.flux_qkv` mirrors the processor). The
-  middle half of the double-stream blocks feeds the maps (blocks 4-14 of 19), as for FLUX.1: these blocks keep
+  middle half of the double-stream blocks is the candidate set whose mid-depth three feed the maps (`max_layers=3`) (blocks 4-14 of 19), as for FLUX.1: these blocks keep
   the text in its own stream, with its own projections and norms, so their image-to-text block is attention from
   image tokens to the T5 tokens themselves; ConceptAttention (Helbling et al., ICML 2025) reads FLUX's text-image
   attention from the double-stream blocks too. The single-stream blocks are not used.

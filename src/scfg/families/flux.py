@@ -11,7 +11,7 @@ Region definition:
 - Double-stream blocks run one softmax over `[text; image]` keys (text first, after `norm_q/norm_k` and RoPE on the
   whole sequence; `flux_attention.flux_qkv` mirrors `FluxAttnProcessor`). For the image queries, the image-to-text
   block is the cross map and the image-to-image block the self map, each renormalised (as for SD3). Text queries
-  are not formed. The middle half of the double-stream blocks feeds the maps by default (as for SD3's joint
+  are not formed. The middle half of the double-stream blocks is the candidate set whose mid-depth three feed the maps (`max_layers=3`) by default (as for SD3's joint
   blocks); the single-stream blocks are not used yet.
 - The text is T5's `max_sequence_length` tokens (no start token; FLUX.1 attends to padding). The last position
   (a padding token for any prompt shorter than the text length) plays the start token's role in the foreground
@@ -42,6 +42,7 @@ class FluxFamily(Family):
     name = "flux"
     default_levels = (1,)
     default_mask_pool = 2  # tokens 16 pixels apart: masks 32 apart, as SD's recipe has (base.Family)
+    default_max_layers = 3  # the mid-depth 3 of the middle half: ~1% of a step each (base.Family)
     projections = ("to_q", "to_k", "add_q_proj", "add_k_proj", "to_qkv", "to_added_qkv")
 
     def matches(self, pipe: Any) -> bool:

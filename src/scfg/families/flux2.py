@@ -58,6 +58,7 @@ class Flux2KleinFamily(Family):
     name = "flux2_klein"
     default_levels = (1,)
     default_mask_pool = 2  # tokens 16 pixels apart: masks 32 apart, as SD's recipe has (base.Family)
+    default_max_layers = 3  # the mid-depth 3 of the middle half: ~1% of a step each (base.Family)
     projections = ("to_q", "to_k", "add_q_proj", "add_k_proj", "to_qkv", "to_added_qkv", "to_qkv_mlp_proj")
 
     def matches(self, pipe: Any) -> bool:

@@ -20,7 +20,7 @@ Region definition (docs/algorithm.md sections 2 and 8):
   `add_k_proj` and `norm_added_k` appended without rotation; `hunyuan_video15_qk` mirrors
   `HunyuanVideo15AttnProcessor2_0` op for op. For the image queries the image-to-text block is the cross map and
   the image-to-image block (spatio-temporal, so the completion couples frames) the self map, each renormalised, as
-  for SD3 and FLUX. The middle half of the blocks feeds the maps (blocks 13-40 of 54), as for SD3, FLUX and Wan.
+  for SD3 and FLUX. The middle half of the blocks is the candidate set whose mid-depth three feed the maps (`max_layers=3`) (blocks 13-40 of 54), as for SD3, FLUX and Wan.
 - Text. The transformer joins, per sample, `[valid image tokens, valid byT5 tokens, valid MLLM tokens, padding]`
   (1985 positions: 729 SigLIP image tokens, zero and masked in text-to-video; 256 byT5 glyph tokens of the prompt's
   quoted text; 1000 Qwen2.5-VL tokens of the prompt in its chat template after a fixed crop of the system
@@ -145,6 +145,7 @@ class HunyuanVideo15Family(Family):
     name = "hunyuan_video15"
     default_levels = (1,)
     default_mask_pool = 2  # tokens 16 pixels apart: masks 32 apart, as SD's recipe has (base.Family)
+    default_max_layers = 3  # the mid-depth 3 of the middle half: ~1% of a step each (base.Family)
     projections = ("to_q", "to_k", "add_k_proj")  # the processor's own (no text queries needed)
 
     def matches(self, pipe: Any) -> bool:

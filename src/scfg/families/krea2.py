@@ -16,7 +16,7 @@ Region definition:
   (`repeat_interleave`, as `Krea2AttnProcessor` repeats them before its attention; `krea2_qk` mirrors it), and the
   probabilities are averaged over the query heads. For the image queries, the image-to-text block is the cross map
   and the image-to-image block the self map, each renormalised (as for SD3 and FLUX). Text queries are not formed.
-  The middle half of the blocks feeds the maps (7 to 20 of Krea 2's 28; the tiny test model's 4: 1 and 2).
+  The middle half of the blocks is the candidate set whose mid-depth three feed the maps (`max_layers=3`) (7 to 20 of Krea 2's 28; the tiny test model's 4: 1 and 2).
 - The text is `max_sequence_length` positions of the Qwen-Image chat template without its system prefix: the
   prompt's tokens, padding (masked by the pipeline's text mask: it gets exactly zero probability and never owns a
   region), then the assistant suffix `<|im_end|>\\n<|im_start|>assistant\\n` at the 5 fixed tail positions, valid
@@ -100,6 +100,7 @@ class Krea2Family(Family):
     name = "krea2"
     default_levels = (1,)
     default_mask_pool = 2  # tokens 16 pixels apart: masks 32 apart, as SD's recipe has (base.Family)
+    default_max_layers = 3  # the mid-depth 3 of the middle half: ~1% of a step each (base.Family)
     projections = ("to_q", "to_k")
 
     def matches(self, pipe: Any) -> bool:

@@ -12,8 +12,9 @@ Region definition:
   as `num_frames`, `height` and `width`. It is the grid of the masks and of the rule (level 1); a token's score norm
   is over its packed channels (docs/algorithm.md section 8).
 - Every block has a spatio-temporal self-attention (`attn1`, all tokens of the clip, 3-D rotary embedding) and a
-  cross-attention to the T5 tokens (`attn2`, with the prompt's padding mask). The middle half of the blocks feeds the
-  maps (blocks 7-20 of the 28 in LTX-Video 0.9), as for PixArt and SD3; `layers_per_level=k` keeps the last `k`.
+  cross-attention to the T5 tokens (`attn2`, with the prompt's padding mask). The middle half of the blocks (7-20 of
+  the 28 in LTX-Video 0.9) is the candidate set, as for PixArt and SD3, whose mid-depth three feed the maps
+  (`max_layers=3`); `layers_per_level=k` keeps the last `k` of the candidates.
 - Queries and keys are formed as `LTXVideoAttnProcessor` forms them (`ltx_qk`): the projections, the RMS norm over
   all heads at once (`qk_norm="rms_norm_across_heads"`, before the head split), the rotary embedding on the whole
   width (self-attention only), then the split into heads; SDPA's default scale `1 / sqrt(head_dim)`.
@@ -150,6 +151,7 @@ class LTXFamily(Family):
 
     name = "ltx"
     default_levels = (1,)
+    default_max_layers = 3  # the mid-depth 3 of the middle half: ~1% of a step each (base.Family)
     projections = ("to_q", "to_k")
 
     def matches(self, pipe: Any) -> bool:

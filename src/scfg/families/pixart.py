@@ -3,7 +3,7 @@
 Region definition:
 - One token grid: the latent divided by the patch size (level = `patch_size`, 2 for the released models). Every
   block has self-attention (`attn1`) and cross-attention (`attn2`) at that grid; by default the middle half of the
-  blocks feeds the maps (early blocks are still close to the noise, late ones to pixels; in the released 28-block
+  blocks is the candidate set whose mid-depth three feed the maps (`max_layers=3`) (early blocks are still close to the noise, late ones to pixels; in the released 28-block
   models that is blocks 7-20), and `layers_per_level=k` keeps the last `k` of those.
 - T5 has no start token and the prompt is padded to `max_sequence_length` with an attention mask. Masked padding
   tokens never own regions. The foreground needs an attention sink in place of CLIP's start token: the EOS token
@@ -34,6 +34,7 @@ class PixArtFamily(SDUNetFamily):
     name = "pixart"
     default_levels = (2,)
     default_mask_pool = 2  # tokens 16 pixels apart: masks 32 apart, as SD's recipe has (base.Family)
+    default_max_layers = 3  # the mid-depth 3 of the middle half: ~1% of a step each (base.Family)
 
     def matches(self, pipe: Any) -> bool:
         return type(getattr(pipe, "transformer", None)).__name__ == "PixArtTransformer2DModel"

@@ -18,7 +18,7 @@ Region definition:
   diagonal after the image's). `qwen_qkv` mirrors that processor. For the image queries, the image-to-text block
   is the cross map and the image-to-image block the self map, each renormalised (as for SD3 and FLUX). Text
   queries are not used.
-- The middle half of the blocks (15-44 of 60) feeds the maps by default, as for the other DiT families here (early
+- The middle half of the blocks (15-44 of 60) is the candidate set whose mid-depth three feed the maps (`max_layers=3`) by default, as for the other DiT families here (early
   blocks are still close to the noise, late ones to pixels). Each captured block costs about as much again as its
   own attention (benchmarks/RESULTS.md), so `layers_per_level=k` (the last `k` of them) or `mask_interval` trade
   maps for time.
@@ -238,6 +238,7 @@ class QwenImageFamily(Family):
     name = "qwen_image"
     default_levels = (1,)
     default_mask_pool = 2  # tokens 16 pixels apart: masks 32 apart, as SD's recipe has (base.Family)
+    default_max_layers = 3  # the mid-depth 3 of the middle half: ~1% of a step each (base.Family)
     projections = ("to_q", "to_k", "add_q_proj", "add_k_proj")
 
     def matches(self, pipe: Any) -> bool:

@@ -9,7 +9,7 @@ Region definition:
   followed by the T5 part (`max_sequence_length` tokens, no start token). Every position competes for regions;
   token strings and per-word scales cover both parts. CLIP's start token (position 0) is the foreground's
   reference, as in SD.
-- One token grid (latent / patch size, level 2). The middle half of the joint blocks feeds the maps (SD3.5's
+- One token grid (latent / patch size, level 2). The middle half of the joint blocks is the candidate set whose mid-depth three feed the maps (`max_layers=3`) (SD3.5's
   extra self-only `attn2` layers have no text and are not used); `layers_per_level=k` keeps the last `k`.
 - Flow-matching velocity needs no change: rates are ratios of norms of the same difference. The pipeline's
   skip-layer-guidance pass (cond only) is recognised by its batch size and left alone.
@@ -84,6 +84,7 @@ class SD3Family(SDUNetFamily):
     name = "sd3_mmdit"
     default_levels = (2,)
     default_mask_pool = 2  # tokens 16 pixels apart: masks 32 apart, as SD's recipe has (base.Family)
+    default_max_layers = 3  # the mid-depth 3 of the middle half: ~1% of a step each (base.Family)
     projections = ("to_q", "to_k", "add_k_proj")  # reused from the processor's own call (no text queries needed)
 
     def attention(self, module: nn.Module, call: LayerCall, context: PassContext | None, budget: int | None):

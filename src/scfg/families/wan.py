@@ -20,8 +20,8 @@ Region definition (docs/algorithm.md sections 2 and 8):
   to it (nearest), a cell's score norm is over its 16 latent channels, and a region's rate is the mean over all its
   cells in all frames.
 - Layers. Every block has self-attention (`attn1`, RoPE over frames x height x width: spatio-temporal, so the
-  completion couples frames) and cross-attention (`attn2`) to the text. The middle half of the blocks feeds the
-  maps (as for PixArt and SD3: early blocks are still close to the noise, late ones to pixels; Wan 2.1 1.3B's 30
+  completion couples frames) and cross-attention (`attn2`) to the text. The middle half of the blocks is the
+  candidate set whose mid-depth three (`max_layers=3`) feed the maps (as for PixArt and SD3: early blocks are still close to the noise, late ones to pixels; Wan 2.1 1.3B's 30
   blocks: 7-22). `wan_qk` forms their queries and keys exactly as `WanAttnProcessor` does.
 - Text. UMT5 tokens, `max_sequence_length` (512) of them; the pipeline zeroes the embeddings after the real tokens
   and passes no attention mask, so the transformer attends to the padding: after its text projection every padding
@@ -143,6 +143,7 @@ class WanFamily(Family):
     name = "wan"
     default_levels = (2,)
     default_mask_pool = 2  # tokens 16 pixels apart: masks 32 apart, as SD's recipe has (base.Family)
+    default_max_layers = 3  # the mid-depth 3 of the middle half: ~1% of a step each (base.Family)
     projections = ("to_q", "to_k", "to_qkv", "to_kv")
 
     def matches(self, pipe: Any) -> bool:

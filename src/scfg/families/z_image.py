@@ -17,7 +17,7 @@ Region definition:
   probabilities over the sample's real caption tokens, renormalised, are the cross map, and those over its image
   tokens, renormalised, the self map (as for SD3 and FLUX). Text queries are not formed.
 - Blocks: the middle half of the main blocks (`layers.7` to `layers.22` of Z-Image's 30; the tiny test model's 4:
-  `layers.1`, `layers.2`), as for SD3's joint blocks. The refiner blocks before them attend within the image
+  `layers.1`, `layers.2`), as for SD3's joint blocks; `max_layers=3` keeps their mid-depth three. The refiner blocks before them attend within the image
   (`noise_refiner`) or within the caption (`context_refiner`) only: no text-image attention to read.
 - Text: the pipeline passes each caption without padding (the Qwen3 states of the chat-templated prompt
   `<|im_start|>user\\n{prompt}<|im_end|>\\n<|im_start|>assistant\\n`), so the text length is the longest caption
@@ -138,6 +138,7 @@ class ZImageFamily(Family):
     name = "z_image"
     default_levels = (2,)
     default_mask_pool = 2  # tokens 16 pixels apart: masks 32 apart, as SD's recipe has (base.Family)
+    default_max_layers = 3  # the mid-depth 3 of the middle half: ~1% of a step each (base.Family)
     projections = ("to_q", "to_k")
 
     def matches(self, pipe: Any) -> bool:

@@ -167,8 +167,9 @@ def resolve_config(pipe: Any, config: SCFGConfig | str | None = None) -> SCFGCon
             f"{type(config).__name__}."
         )
     overrides = family.preset_overrides(pipe)
-    # the family's mask pooling applies to every preset unless the family's own overrides say otherwise
-    presets = {name: {"mask_pool": family.default_mask_pool, **overrides.get(name, {})} for name in PRESETS}
+    # the family's mask pooling and layer count apply to every preset unless its own overrides say otherwise
+    defaults = {"mask_pool": family.default_mask_pool, "max_layers": family.default_max_layers}
+    presets = {name: {**defaults, **overrides.get(name, {})} for name in PRESETS}
     return config.resolve(presets)
 
 
@@ -313,7 +314,12 @@ class SemanticGuidance:
             )
         chosen = [p for p in pairs if p.level in self.levels]  # families list pairs in forward order
         chosen = _last_per_group(chosen, lambda pair: _stack_of(pair.cross), self.config.layers_per_stack)
-        return _last_per_group(chosen, lambda pair: pair.level, self.config.layers_per_level)
+        chosen = _last_per_group(chosen, lambda pair: pair.level, self.config.layers_per_level)
+        k = self.config.max_layers
+        if k is not None and k < len(chosen):  # the k nearest the middle, in forward order
+            start = (len(chosen) - k) // 2
+            chosen = chosen[start : start + k]
+        return chosen
 
     # -- entering and leaving ---------------------------------------------------------------------------------
 
