@@ -203,6 +203,16 @@ def test_scenes_recipe_trains_resumes_and_exports(tmp_path):
     assert state["recipe"] == "scenes" and state["step"] == 1
     with pytest.raises(SystemExit, match="scenes"):
         train.main([*common[:-1], "shapes", "--steps", "2"])
+    # the compact copy kept in git resumes the same run: weights exact, Adam moments back in float32
+    compact = tmp_path / "compact.pt"
+    train.main([*common, "--compact", str(compact)])
+    full, small = torch.load(work / "ckpt.pt", weights_only=False), torch.load(compact, weights_only=False)
+    assert "vae_opt" not in small and all(torch.equal(full["unet"][k], small["unet"][k]) for k in full["unet"])
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    (resumed / "ckpt.pt").write_bytes(compact.read_bytes())
+    train.main(["--work", str(resumed), *common[2:], "--steps", "2"])
+    assert torch.load(resumed / "ckpt.pt", weights_only=False)["state"]["step"] == 2
     folder = tmp_path / "model"
     train.main([*common, "--export", str(folder)])
     pipe = StableDiffusionPipeline.from_pretrained(str(folder))

@@ -343,7 +343,8 @@ class Trainer:
         self.text_encoder.load_state_dict(blob["text_encoder"])
         self.ema_unet.load_state_dict(blob["ema_unet"])
         self.ema_text.load_state_dict(blob["ema_text"])
-        self.vae_opt.load_state_dict(blob["vae_opt"])
+        if "vae_opt" in blob:  # a compact checkpoint (`--compact`) has none: the VAE phase is over
+            self.vae_opt.load_state_dict(blob["vae_opt"])
         self.opt.load_state_dict(blob["opt"])
         if "decoder_opt" in blob:  # checkpoints from before the decoder phase have none
             self.decoder_opt.load_state_dict(blob["decoder_opt"])
@@ -538,6 +539,21 @@ class Trainer:
         write_checksums(folder)
 
 
+def compact_checkpoint(source: str, target: str) -> None:
+    """Write `source`'s checkpoint without the finished VAE phase's optimizer and with the Adam moments in bfloat16
+    (loading casts them back to float32), about 80 MB for the `scenes` recipe instead of 126: small enough to keep
+    in the repository so that a later session resumes the run. Weights, EMA weights and the RNG states are kept
+    exactly."""
+    blob = torch.load(source, weights_only=False)  # our own checkpoint, written by Trainer.save()
+    if blob["state"]["vae_step"] == 0 or blob["state"].get("scaling_factor") is None:
+        raise SystemExit("Expected a checkpoint past its VAE phase; compact it once the diffusion phase has begun.")
+    blob.pop("vae_opt", None)
+    for state in blob["opt"]["state"].values():
+        for key in ("exp_avg", "exp_avg_sq"):
+            state[key] = state[key].to(torch.bfloat16)
+    torch.save(blob, target)
+
+
 def write_slow_tokenizer_files(folder: str) -> None:
     """Write `vocab.json` and `merges.txt` beside a CLIP `tokenizer.json`: transformers 4.x's `CLIPTokenizer` loads
     from them (5.x saves only `tokenizer.json`; 4.x's slow tokenizer saves them itself); the ids are the same."""
@@ -577,6 +593,7 @@ def main(argv: list[str] | None = None) -> None:
         "--grounding", type=float, default=None, help="grounding-loss weight (default: the recipe's; 0 turns it off)"
     )
     parser.add_argument("--export", help="write a StableDiffusionPipeline folder from the EMA weights and stop")
+    parser.add_argument("--compact", help="write a smaller copy of the checkpoint to this file (to keep in git) and stop")
     parser.add_argument("--vae-steps", type=int, default=700)
     parser.add_argument("--vae-batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=20000)
@@ -600,6 +617,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.compact:
+        compact_checkpoint(os.path.join(args.work, "ckpt.pt"), args.compact)
+        return
     trainer = Trainer(args)
     if args.export:
         trainer.export(args.export)
