@@ -58,22 +58,29 @@ IMAGE_SIZE = 64
 MAX_TOKENS = 24
 
 
-def build_vae():
-    """The `shapes` autoencoder: 64x64x3 <-> 32x32x4."""
+def _autoencoder(block_out_channels: tuple[int, ...]):
+    """A small `AutoencoderKL` without attention whose latent is the image downsampled once per block after the
+    first, 4 channels."""
     from diffusers import AutoencoderKL
 
+    blocks = len(block_out_channels)
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(32, 64),
+        down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks,
+        block_out_channels=block_out_channels,
         layers_per_block=1,
         latent_channels=4,
         norm_num_groups=16,
         sample_size=IMAGE_SIZE,
         mid_block_add_attention=False,
     )
+
+
+def build_vae():
+    """The `shapes` autoencoder: 64x64x3 <-> 32x32x4."""
+    return _autoencoder((32, 64))
 
 
 def build_unet():
@@ -96,20 +103,7 @@ def build_unet():
 
 def build_scenes_vae():
     """The `scenes` autoencoder: 64x64x3 <-> 16x16x4 (three blocks), no attention."""
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(32, 64, 128),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=16,
-        sample_size=IMAGE_SIZE,
-        mid_block_add_attention=False,
-    )
+    return _autoencoder((32, 64, 128))
 
 
 def build_scenes_unet():
@@ -593,7 +587,9 @@ def main(argv: list[str] | None = None) -> None:
         "--grounding", type=float, default=None, help="grounding-loss weight (default: the recipe's; 0 turns it off)"
     )
     parser.add_argument("--export", help="write a StableDiffusionPipeline folder from the EMA weights and stop")
-    parser.add_argument("--compact", help="write a smaller copy of the checkpoint to this file (to keep in git) and stop")
+    parser.add_argument(
+        "--compact", help="write a smaller copy of the checkpoint to this file (to keep in git) and stop"
+    )
     parser.add_argument("--vae-steps", type=int, default=700)
     parser.add_argument("--vae-batch", type=int, default=16)
     parser.add_argument("--steps", type=int, default=20000)

@@ -580,9 +580,9 @@ class SemanticGuidance:
                         f"Expected layer `{pair.cross}` at latent/{pair.level} of the {shape} latent, but its "
                         f"{queries} queries form a {'x'.join(str(n) for n in grid)} grid."
                     )
-                pooled = {n: current.waiting[n] for n in names}
+                rows = {n: current.waiting[n] for n in names}
                 cross, self_attention, grid = self.family.mask_attention(
-                    pair, pooled, current.context, grid, self.config.mask_pool
+                    pair, rows, current.context, grid, self.config.mask_pool
                 )
                 current.accumulator.add(cross, self_attention, grid)  # type: ignore[union-attr]
             current.done.add(pair)
