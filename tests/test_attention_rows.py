@@ -60,12 +60,29 @@ def naive_rows(query, key, bias=None) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
-def test_dense_equals_head_averaged_softmax_bit_for_bit(dtype):
+def test_rows_do_not_depend_on_budget_or_chunk(dtype):
     query, key = projections(IMAGE, dtype)
-    rows = AttentionRows(query, key, SCALE)
+    bias = key_mask_bias(IMAGE)
+    rows = AttentionRows(query, key, SCALE, bias).dense()
     assert rows.shape == (B, IMAGE, IMAGE)
     assert rows.dtype == torch.promote_types(dtype, torch.float32)
-    assert torch.equal(rows.dense(), head_averaged_softmax(query, key, SCALE))
+    # every element is the sum of its heads in head order whatever the blocks; what a block can change is the
+    # matmul's rounding of each d-term score (a kernel for other row counts): by at most d ulps of
+    # scale * sum_i |q_i k_i| (the error bound of a d-term dot product), a logit change of delta moves each
+    # probability by at most 2 delta p <= 2 delta, and the head mean of such changes is as small: atol 2 delta,
+    # plus 2 ulps for the final division's rounding
+    unit = torch.finfo(rows.dtype).eps / 2
+    delta = D * unit * SCALE * (query.abs().to(rows.dtype) @ key.abs().to(rows.dtype).transpose(-1, -2)).max().item()
+    row = B * IMAGE * rows.dtype.itemsize
+    for budget, chunk in ((1, 1), (5 * row, 2 * row), (IMAGE * row, 1), (1 << 30, 1 << 30)):
+        blocked = AttentionRows(query, key, SCALE, bias, budget=budget, chunk=chunk).rows(0, IMAGE)
+        torch.testing.assert_close(blocked, rows, rtol=0, atol=2 * delta + 2 * unit)
+    # and the rows are the softmax: float32 sums of H terms <= 1 reordered, within a few ulps (float64: exact to
+    # its own rounding, far below float32's)
+    expected = naive_rows(query.double(), key.double(), bias.double())
+    torch.testing.assert_close(rows.double(), expected, rtol=0, atol=8 * U32)
+    # `capture.head_averaged_softmax` is these rows
+    assert torch.equal(head_averaged_softmax(query, key, SCALE), AttentionRows(query, key, SCALE).dense())
 
 
 def test_bias_masks_keys():
@@ -201,8 +218,8 @@ def test_peak_extra_bytes_brackets_tracked_allocations(completion, dtype, rows_p
         complete_cross_attention(cross, rows, completion)
     size = (B, IMAGE, keys, H, budget)
     # without the allowance for query/key copies the formula counts what always exists; with it, at most that
-    exact = peak_extra_bytes(*size, tokens=cross.shape[-1], completion=completion)
-    bound = peak_extra_bytes(*size, tokens=cross.shape[-1], head_dim=D, completion=completion)
+    exact = peak_extra_bytes(*size, tokens=cross.shape[-1], kept=IMAGE, completion=completion)
+    bound = peak_extra_bytes(*size, tokens=cross.shape[-1], head_dim=D, kept=IMAGE, completion=completion)
     assert exact <= tracker.peak <= bound
     if dtype == torch.float32:
         # float32 inputs need no upcast, and where matmul copies the heads to contiguous memory (several heads of a

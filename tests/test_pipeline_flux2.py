@@ -380,3 +380,15 @@ def test_cli_compare_runs_klein(tiny_klein_path, tmp_path):
     assert main(argv) == 0
     assert json.loads(Image.open(out).text["scfg"])["guidance"] == "compare"
     assert any(p.name.endswith("-steps.png") for p in tmp_path.iterdir())
+
+
+def test_klein_words_are_the_user_messages_own(tiny_klein_path):
+    """`region_tokens="words"`: the chat template's role name, newlines and assistant turn (`<think>` block
+    included) are not the prompt's words; nor is right padding."""
+    pipe = load(tiny_klein_path)
+    segments = FAMILY.tokenize(pipe, ["a red cat", "a blue dog"], 24)
+    words = FAMILY.word_mask(segments)
+    for row, expected in enumerate([["a", "Ġred", "Ġcat"], ["a", "Ġblue", "Ġdog"]]):
+        tokens = pipe.tokenizer.convert_ids_to_tokens(segments[0][1][row].tolist())
+        assert tokens[:3] == ["<|im_start|>", "user", "Ċ"]  # the template this test is about
+        assert [t for t, w in zip(tokens, words[row].tolist(), strict=True) if w] == expected

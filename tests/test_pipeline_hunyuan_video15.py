@@ -339,3 +339,42 @@ def test_semantic_guider_on_the_stock_pipeline_reaches_this_family(tiny_hv15_pat
     ours = run(pipe, "a red cat on a mat", "blurry")
     assert [r.step for r in recorder.steps] == [0, 1, 2] and recorder.steps[0].token_masks.shape[1:] == (56, *MASKS)
     torch.testing.assert_close(ours, plain, rtol=0, atol=1e-12 * plain.abs().max().item())  # as the unit-rate test
+
+
+def test_guidance_sets_the_guiders_scale_for_the_block_only(tiny_hv15_path):
+    """`scfg.guidance`: the scale is the guider's, so the block runs with a copy at that scale and the pipeline's
+    own guider is back afterwards, also after an exception; a call inside equals the stock pipeline given that
+    guider by hand."""
+    pipe = load(tiny_hv15_path, torch.float64)
+    original = pipe.guider
+    with scfg.guidance(pipe, 3.0, "blurry") as arguments:
+        assert arguments == {"negative_prompt": "blurry"}
+        assert pipe.guider is not original and pipe.guider.guidance_scale == 3.0
+        ours = run(pipe, "a red cat on a mat", arguments["negative_prompt"])
+    assert pipe.guider is original and original.guidance_scale != 3.0
+    with pytest.raises(RuntimeError, match="boom"), scfg.guidance(pipe, 3.0):
+        raise RuntimeError("boom")
+    assert pipe.guider is original
+    pipe.guider = ClassifierFreeGuidance(guidance_scale=3.0)
+    assert torch.equal(ours, run(pipe, "a red cat on a mat", "blurry"))
+
+
+def test_cli_generate_takes_the_scale_for_hunyuan(tiny_hv15_path, tmp_path, monkeypatch):
+    """`scfg generate --frames --scale 3` on a HunyuanVideo 1.5 folder: every step's guider combines at scale 3
+    (a spy on the guider class's `forward`), and the video is written."""
+    pytest.importorskip("av")
+    from scfg.cli import main
+
+    seen = []
+    forward = ClassifierFreeGuidance.forward
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.guidance_scale)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(ClassifierFreeGuidance, "forward", spy)
+    clip = tmp_path / "clip.mp4"
+    argv = ["generate", "a red cat", "--model", str(tiny_hv15_path), "--steps", "2", "--frames", str(FRAMES)]
+    argv += ["--height", str(HEIGHT), "--width", str(WIDTH), "--scale", "3", "--out", str(clip)]
+    assert main(argv) == 0
+    assert clip.stat().st_size > 0 and seen == [3.0, 3.0]

@@ -249,3 +249,16 @@ def test_cli_compare_runs_krea2(tiny_krea2_path, tmp_path):
     assert main([*argv, "--width", "40", "--scale", "4", "--out", str(out), "--show-regions"]) == 0
     panel = Image.open(out)
     assert json.loads(panel.text["scfg"])["guidance"] == "compare"
+
+
+def test_krea2_words_are_the_user_messages_own(tiny_krea2):
+    """`region_tokens="words"`: after the pipeline drops the template's prefix, the words run from position 0 to
+    the first `<|im_end|>`; the padding and the assistant suffix are the template's."""
+    from scfg.families.krea2 import FAMILY
+
+    segments = FAMILY.tokenize(tiny_krea2, ["a red cat"], 32)
+    assert segments, "the tiny Krea 2 pipeline's text length should be 32 positions"
+    words = FAMILY.word_mask(segments)[0]
+    tokens = tiny_krea2.tokenizer.convert_ids_to_tokens(segments[0][1][0].tolist())
+    assert [t for t, w in zip(tokens, words.tolist(), strict=True) if w] == ["a", "Ġred", "Ġcat"]
+    assert "assistant" in tokens  # the suffix is there, and not a word

@@ -283,3 +283,15 @@ def test_cli_compare_runs_z_image(tiny_z_image_path, tmp_path):
     assert main([*argv, "--width", "40", "--scale", "4", "--out", str(out), "--show-regions"]) == 0
     panel = Image.open(out)
     assert json.loads(panel.text["scfg"])["guidance"] == "compare"
+
+
+def test_z_image_words_are_the_user_messages_own(tiny_z_image):
+    """`region_tokens="words"`: the chat template's role name, newlines and assistant turn are not the prompt's
+    words; nor is the padding after a shorter caption."""
+    segments = FAMILY.tokenize(tiny_z_image, ["a red cat", "two blue dogs on the grass"], 24)
+    words = FAMILY.word_mask(segments)
+    expected = [["a", "Ġred", "Ġcat"], ["two", "Ġblue", "Ġdogs", "Ġon", "Ġthe", "Ġgrass"]]
+    for row, own in enumerate(expected):
+        tokens = tiny_z_image.tokenizer.convert_ids_to_tokens(segments[0][1][row].tolist())
+        assert tokens[:3] == ["<|im_start|>", "user", "Ċ"]
+        assert [t for t, w in zip(tokens, words[row].tolist(), strict=True) if w] == own

@@ -2,7 +2,7 @@
 
 from .config import AUTO, PRESETS, SCFGConfig, SCFGError
 from .diagnostics import Recorder, StepReport
-from .integration import SemanticGuidance, enable, guidance_arguments, resolve_config
+from .integration import SemanticGuidance, enable, guidance, guidance_arguments, resolve_config
 from .tokens import WordScale, parse_weighted_prompt
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "StepReport",
     "WordScale",
     "enable",
+    "guidance",
     "guidance_arguments",
     "parse_weighted_prompt",
     "resolve_config",

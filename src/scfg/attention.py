@@ -3,8 +3,8 @@
 The completion `S' C` of step 2a only needs products `S X` with `X` `[B, Q, T]` small, so the self-attention `S`
 `[B, Q, Q]` never has to exist at once: a Wan 2.1 480p clip has 32,760 tokens, and the float32 `S` of one sample is
 4.3 GB.
-`AttentionRows` keeps the queries and keys and forms the head-averaged softmax rows in query chunks, heads in chunks
-within each, so that no more than `budget` bytes of scores exist at once.
+`AttentionRows` keeps the queries and keys and forms the head-averaged softmax rows in blocks of queries of at
+most `budget` bytes, each head's scores within a block in cache-sized pieces of at most `chunk` bytes.
 
 Pure tensor code: no diffusers, no transformers, no state outside the object.
 """
@@ -16,13 +16,17 @@ from collections.abc import Sequence
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 
-__all__ = ["DEFAULT_BUDGET", "AttentionRows", "peak_extra_bytes", "pool_cells", "pooled_grid"]
+__all__ = ["DEFAULT_BUDGET", "DEFAULT_CHUNK", "AttentionRows", "peak_extra_bytes", "pool_cells", "pooled_grid"]
 
-# Bytes of scores formed at once: 2**26 float32 elements, the head chunk `capture.head_averaged_softmax` has always
-# used, so that with this budget the head chunks, hence the sums, are the same as there.
+# Bytes of head-averaged rows `[B, n, K]` held at once (256 MiB): the whole `[B, Q, K]` rows are formed once and
+# kept for every product when they fit, otherwise formed again in blocks of rows for each product.
 DEFAULT_BUDGET = 1 << 28
+# Bytes of one head's scores formed at once (4 MiB): small enough that the scores, their softmax and the running
+# total's block stay in the processor's cache between the three passes over them. On two CPU cores this forms a
+# PixArt-Sigma 1024-px layer's pooled rows 2.3x faster than head chunks of up to 256 MiB did, as fast as the
+# layer's own fused attention per score (benchmarks/RESULTS.md, "The cost of forming the rows").
+DEFAULT_CHUNK = 1 << 22
 
 _RENORM_EPS = 1e-12
 
@@ -48,32 +52,37 @@ def pool_cells(
     if x.shape[dim] != math.prod(grid):
         raise ValueError(f"Expected {math.prod(grid)} cells of the grid {grid} on axis {dim}, but got {x.shape[dim]}.")
     *lead, h, w = grid
-    out_grid = pooled_grid(grid, factor)
-    moved = x.movedim(dim, -1)
-    cells = moved.reshape(*moved.shape[:-1], *lead, h, w)
+    out_h, out_w = pooled_grid(grid, factor)[-2:]
+    dim = dim % x.ndim
+    rows, cols = dim + len(lead), dim + len(lead) + 1  # the grid's spatial axes, in place (no transposed copies)
+    cells = x.unflatten(dim, grid)
     if reduce == "first":
-        pooled = cells[..., ::factor, ::factor]
+        pooled = cells[(slice(None),) * rows + (slice(None, None, factor), slice(None, None, factor))]
     else:
-        pad_h, pad_w = out_grid[-2] * factor - h, out_grid[-1] * factor - w
-        padded = F.pad(cells, (0, pad_w, 0, pad_h))
-        pooled = padded.unflatten(-1, (out_grid[-1], factor)).unflatten(-3, (out_grid[-2], factor)).sum((-3, -1))
+        if (out_h * factor, out_w * factor) != (h, w):  # a partial cell at an edge: zeros added to the sums
+            shape = list(cells.shape)
+            shape[rows], shape[cols] = out_h * factor, out_w * factor
+            padded = cells.new_zeros(shape)
+            padded[(slice(None),) * rows + (slice(0, h), slice(0, w))] = cells
+            cells = padded
+        pooled = cells.unflatten(cols, (out_w, factor)).unflatten(rows, (out_h, factor)).sum((rows + 1, cols + 2))
         if reduce == "mean":
-            counts = F.pad(torch.ones(h, w, dtype=x.dtype, device=x.device), (0, pad_w, 0, pad_h))
-            pooled = pooled / counts.unflatten(-1, (out_grid[-1], factor)).unflatten(0, (out_grid[-2], factor)).sum(
-                (1, 3)
-            )
-    return pooled.flatten(-len(grid)).movedim(-1, dim)
+            counts = torch.zeros(out_h * factor, out_w * factor, dtype=x.dtype, device=x.device)
+            counts[:h, :w] = 1
+            counts = counts.unflatten(1, (out_w, factor)).unflatten(0, (out_h, factor)).sum((1, 3))
+            pooled = pooled / counts.view(out_h, out_w, *(1,) * (x.ndim - dim - 1))
+    return pooled.flatten(dim, dim + len(grid) - 1)
 
 
 class AttentionRows:
     """Head-averaged attention probabilities `softmax(q kᵀ · scale + bias)` averaged over heads, `[B, Q, K]`, formed on
     demand in query chunks so that no more than `budget` bytes of scores exist at once.
 
-    The arithmetic is that of `capture.head_averaged_softmax`: queries and keys promoted to float32 (float64 stays
-    float64), the scale multiplied on the queries, the bias added to the scores, the softmax of each head chunk
-    summed over its heads into a running total, which is divided by the number of heads at the end. Without
-    `columns`, `dense()` is bit for bit that function's result (with the same bias) whenever both form the same
-    chunks: with the default budget, for float32 and one head's scores of all queries within it (`B Q K <= 2**26`).
+    The arithmetic: queries and keys promoted to float32 (float64 stays float64), the scale multiplied on the
+    queries, the bias added to the scores, each head's softmax added into a running total in head order, which is
+    divided by the number of heads at the end. Each head's scores are formed in blocks of rows of at most `chunk`
+    bytes; every element is summed over its heads in the same order whatever the blocks, so the rows do not depend
+    on `budget` or `chunk`.
 
     Args:
         query (`torch.Tensor`): `[B, H, Q, d]` queries (heads split, q-norm and rotary embedding applied).
@@ -85,8 +94,10 @@ class AttentionRows:
         renormalise (`bool`, defaults to `False`): divide each kept row by its sum (clamped below at 1e-12). For
             joint attention (MMDiT), where one softmax runs over `[image; text]` keys and the image block and the
             text block are read separately.
-        budget (`int`, defaults to `DEFAULT_BUDGET`): bytes of scores `[B, heads, rows, K]` formed at once; their
-            softmax transiently takes as much again (see `peak_extra_bytes`).
+        budget (`int`, defaults to `DEFAULT_BUDGET`): bytes of head-averaged rows `[B, rows, K]` formed at once;
+            the whole rows are kept for every product when they fit (see `peak_extra_bytes`).
+        chunk (`int`, defaults to `DEFAULT_CHUNK`): bytes of one head's scores `[B, rows, K]` formed at once
+            (at most `budget`); a speed setting: it changes no result.
         column_pool (`(grid, factor)`, *optional*): the kept columns are the cells of `grid` (the image keys of a
             self-attention block); sum them into the cells of `pooled_grid(grid, factor)` after any renormalisation,
             so each row gives the probability of attending to each pooled cell (`pool_columns`).
@@ -110,6 +121,7 @@ class AttentionRows:
         columns: slice | None = None,
         renormalise: bool = False,
         budget: int = DEFAULT_BUDGET,
+        chunk: int = DEFAULT_CHUNK,
         column_pool: tuple[tuple[int, ...], int] | None = None,
     ) -> None:
         if query.ndim != 4 or key.ndim != 4 or query.shape[:2] != key.shape[:2] or query.shape[3] != key.shape[3]:
@@ -117,8 +129,8 @@ class AttentionRows:
                 f"Expected `query` [B, H, Q, d] and `key` [B, H, K, d] with the same B, H and d, but got "
                 f"{tuple(query.shape)} and {tuple(key.shape)}."
             )
-        if int(budget) < 1:
-            raise ValueError(f"Expected a positive `budget` in bytes, but got {budget}.")
+        if int(budget) < 1 or int(chunk) < 1:
+            raise ValueError(f"Expected a positive `budget` and `chunk` in bytes, but got {budget} and {chunk}.")
         batch, heads, num_queries, _ = query.shape
         num_keys = key.shape[2]
         self.dtype = torch.promote_types(query.dtype, torch.float32)
@@ -146,7 +158,7 @@ class AttentionRows:
             column_pool = (pool_grid, factor)
             kept = math.prod(pooled_grid(pool_grid, factor))
         self.query, self.key, self.scale, self.bias = query, key, float(scale), bias
-        self.columns, self.renormalise, self.budget = columns, bool(renormalise), int(budget)
+        self.columns, self.renormalise, self.budget, self.chunk = columns, bool(renormalise), int(budget), int(chunk)
         self.column_pool = column_pool
         self.shape = (batch, num_queries, kept)
         # the query tokens these rows stand for: Q, or the full grid's count for the pooled queries of
@@ -167,7 +179,7 @@ class AttentionRows:
         """Return rows `start:stop`, `[B, stop - start, K_kept]`, formed in chunks within the budget."""
         if not 0 <= start <= stop <= self.shape[1]:
             raise ValueError(f"Expected 0 <= start <= stop <= {self.shape[1]}, but got {start} and {stop}.")
-        # a chunk holds as many rows as one head's scores fit in the budget, and at least one row
+        # a block holds as many head-averaged rows as fit in the budget, and at least one row
         step = max(1, self.budget // self._row_bytes)
         if stop - start <= step:
             if (start, stop) == (0, self.shape[1]):  # all rows at once: formed once, shared with the selections
@@ -221,6 +233,7 @@ class AttentionRows:
             columns=columns,
             renormalise=renormalise,
             budget=self.budget,
+            chunk=self.chunk,
         )
         selected._shared = self._shared  # the same object's private state: one softmax for every block read
         selected.query_tokens = self.query_tokens
@@ -245,6 +258,7 @@ class AttentionRows:
             columns=self.columns,
             renormalise=self.renormalise,
             budget=self.budget,
+            chunk=self.chunk,
             column_pool=self.column_pool,
         )
         pooled.query_tokens = self.query_tokens
@@ -266,6 +280,7 @@ class AttentionRows:
             columns=self.columns,
             renormalise=self.renormalise,
             budget=self.budget,
+            chunk=self.chunk,
             column_pool=(tuple(grid), factor),
         )
         pooled._shared = self._shared
@@ -273,26 +288,36 @@ class AttentionRows:
         return pooled
 
     def _head_average(self, start: int, stop: int) -> torch.Tensor:
-        """Full head-averaged rows `start:stop`, `[B, n, K]`, heads in chunks whose scores fit in the budget."""
-        batch, heads = self.shape[0], self._heads
-        step = max(1, self.budget // max(1, (stop - start) * self._row_bytes))
-        total = torch.zeros(batch, stop - start, self._num_keys, dtype=self.dtype, device=self.device)
-        for first in range(0, heads, step):
-            total += self._head_sum(first, min(heads, first + step), start, stop)
-        return total / heads
+        """Full head-averaged rows `start:stop`, `[B, n, K]`: one head at a time, its scores in blocks of rows of
+        at most `chunk` bytes (`min(chunk, budget)`), each block's softmax added into a running total. Every element
+        is the sum of its heads in head order whatever the blocks, so the result does not depend on the budget."""
+        batch, heads, n = self.shape[0], self._heads, stop - start
+        step = max(1, min(n, min(self.chunk, self.budget) // self._row_bytes))
+        total = torch.zeros(batch, n, self._num_keys, dtype=self.dtype, device=self.device)
+        for head in range(heads):
+            self._add_head(total, head, start, stop, step)
+        return total.div_(heads)
 
-    def _head_sum(self, first: int, last: int, start: int, stop: int) -> torch.Tensor:
-        """Softmax rows `start:stop` of heads `first:last`, summed over those heads, `[B, n, K]`. A function of its
-        own so that the scores are freed before the next chunk's exist."""
-        query = self.query[:, first:last, start:stop]
-        key = self.key[:, first:last]
+    def _add_head(self, total: torch.Tensor, head: int, start: int, stop: int, step: int) -> None:
+        """Add one head's softmax rows `start:stop` into `total`, `step` rows at a time. A function of its own so
+        that this head's keys are freed before the next head's exist."""
+        # `[B, d, K]`: a view for float32 keys (bmm reads the processor's strided layout as it is), one upcast copy
+        # per head, not per block, for half-precision keys
+        key = self.key[:, head].to(self.dtype).transpose(-1, -2)
+        for begin in range(start, stop, step):
+            end = min(stop, begin + step)
+            total[:, begin - start : end - start] += self._softmax(key, head, begin, end)
+
+    def _softmax(self, key: torch.Tensor, head: int, start: int, stop: int) -> torch.Tensor:
+        """Softmax rows `start:stop` of one head, `[B, n, K]`, for that head's keys `key` `[B, d, K]`. A function of
+        its own so that the scores are freed as soon as their softmax exists."""
         # the scale goes on the (smaller) queries; the scores are then touched in place only
-        scores = torch.matmul(query.to(self.dtype) * self.scale, key.to(self.dtype).transpose(-1, -2))
+        scores = torch.matmul(self.query[:, head, start:stop].to(self.dtype) * self.scale, key)
         if self.bias is not None:
-            heads = slice(first, last) if self.bias.shape[1] > 1 else slice(None)
+            heads = head if self.bias.shape[1] > 1 else 0
             queries = slice(start, stop) if self.bias.shape[2] > 1 else slice(None)
             scores += self.bias[:, heads, queries]
-        return scores.softmax(dim=-1).sum(dim=1)
+        return scores.softmax(dim=-1)
 
     def _keep(self, rows: torch.Tensor) -> torch.Tensor:
         """The kept columns of full rows, renormalised if asked."""
@@ -316,55 +341,62 @@ def peak_extra_bytes(
     *,
     tokens: int = 0,
     head_dim: int = 0,
+    kept: int | None = None,
+    chunk: int = DEFAULT_CHUNK,
     completion: Literal["official", "power_mean"] = "official",
 ) -> int:
     """Return the peak extra memory in bytes of `complete_cross_attention(cross_probs, rows, completion)` for
-    `rows = AttentionRows(query, key, scale, budget=budget)` of that size.
+    `rows = AttentionRows(query, key, scale, budget=budget, chunk=chunk)` of that size, or for
+    `rows.select(columns)` of `kept` columns (renormalised).
 
     Counts the tensors the completion creates beyond its inputs (queries, keys, bias, `cross_probs`), as
-    `AttentionRows` and `complete_cross_attention` are written:
+    `AttentionRows` and `complete_cross_attention` are written. With `r = B K elem` the bytes of one row:
 
-    - one chunk of `n = min(Q, budget // (B K elem))` rows (at least 1) and `h` heads (as many as the budget holds;
-      always 1 when `n < Q`), of `A = B n K elem` bytes per head: the running head total, the scores, their softmax
-      and its sum over heads, `(2 h + 2) A`; while the scores are formed, the total, the scores and copies of the
-      query and key chunks in the compute dtype (an upcast of half-precision inputs and matmul's contiguous copy,
-      each at most), `(h + 1) A + 2 B h (n + K) d elem`;
-    - the `[B, Q, T]` products alive at once: 2 during a chunked product for `"official"` (`S C` and the product
-      being filled) and 3 for `"power_mean"` (total, power, the next power), 3 in either's additions;
-    - when the full rows fit in the budget (`B Q K elem <= budget`) they are formed once, before any product exists,
-      and cached: the chunk is then all `Q` rows, and it stays while the 3 products live.
+    - the rows are formed in blocks of `n = min(Q, budget // r)` rows (at least 1): all `Q` when they fit, and then
+      they are formed once and kept (with the renormalised block of `kept` columns beside them) for every product;
+      otherwise each product forms them again, block by block;
+    - a block is a running total `n r` plus one head's scores of `m = min(n, min(chunk, budget) // r)` rows (at
+      least 1) and their softmax, `2 m r`, or, while the scores are formed, the scores and the scaled query rows
+      `B m d elem`; half-precision inputs add an upcast copy of one head's keys and of the query rows;
+    - the renormalised block is formed beside its block of full rows, with their row sums;
+    - the `[B, Q, T]` products alive at once: 2 during a product formed block by block for `"official"` (`S C` and
+      the product being filled) and 3 for `"power_mean"` (total, power, the next power), 3 in either's additions.
 
-    With `head_dim=0` the copies are left out and the count is exact (for float32 inputs sliced from a processor's
-    `[B, L, H d]` layout no copy is made at the peak); with `head_dim=d` it is an upper bound for any input layout
-    and dtype. The size of `S` itself (`B Q K elem`) is what this bounds away: for a Wan 2.1 480p clip (B = 2,
-    Q = K = 32,760, 12 heads of 128, T = 512) the peak is about 1.3 GB with the default 256 MiB budget and 0.54 GB
-    with 64 MiB, against 8.6 GB for `S`.
+    With `head_dim=0` the query rows and copies are left out and the count is exact for float32 inputs whenever
+    `d <= K` (the softmax, not the scores' forming, is then the larger); with `head_dim=d` it is an upper bound for
+    any input layout and dtype. The size of `S` itself (`B Q K elem`) is what this bounds away: for a Wan 2.1 480p
+    clip (B = 2, Q = K = 32,760, 12 heads of 128, T = 512) the peak is about 0.58 GB with the default 256 MiB budget
+    and 0.40 GB with 64 MiB (most of it the three products), against 8.6 GB for `S`.
 
     Args:
         batch, queries, keys, heads: `B`, `Q`, `K`, `H` of the self-attention.
         budget (`int`): the `AttentionRows` budget in bytes.
         elem (`int`, defaults to `4`): bytes per element of the compute dtype (float32; 8 for float64).
         tokens (`int`, defaults to `0`): `T`, the text tokens of `cross_probs`; 0 leaves the products out.
-        head_dim (`int`, defaults to `0`): `d`; 0 leaves the query and key copies out.
+        head_dim (`int`, defaults to `0`): `d`; 0 leaves the query rows and copies out.
+        kept (`int`, *optional*): the columns of a renormalised `select`; `None` for the whole rows.
+        chunk (`int`, defaults to `DEFAULT_CHUNK`): the `AttentionRows` chunk in bytes.
         completion (`str`, defaults to `"official"`): `"official"` or `"power_mean"`.
 
     >>> round(peak_extra_bytes(2, 32760, 32760, 12, 1 << 26, tokens=512, head_dim=128) / 1e9, 2)
-    0.54
+    0.4
     """
     if completion not in ("official", "power_mean"):
         raise ValueError(f"Expected `completion` 'official' or 'power_mean', but got {completion!r}.")
-    per_row = batch * keys * elem
+    row = batch * keys * elem
     product = batch * queries * tokens * elem
-    cached = queries * per_row <= budget
-    n = queries if cached else max(1, budget // per_row)
-    h = min(heads, max(1, budget // (n * per_row)))
-    chunk = n * per_row
-    work = max(
-        (2 * h + 2) * chunk,  # total, scores, softmax, its head sum
-        (h + 1) * chunk + 2 * batch * h * (n + keys) * head_dim * elem,  # total, scores, query and key copies
-        chunk + batch * n * tokens * elem,  # the kept block and its product
-    )
+    cached = queries * row <= budget
+    n = queries if cached else max(1, budget // row)
+    m = min(n, max(1, min(chunk, budget) // row))
+    rows, scores = n * row, m * row
+    query_rows = batch * m * head_dim * elem
+    copies = batch * keys * head_dim * elem + query_rows if head_dim else 0  # half-precision upcasts, at most
+    forming = rows + copies + max(2 * scores, scores + query_rows)
+    block = 0 if kept is None else batch * n * kept * elem  # the renormalised block beside its full rows
+    keeping = rows + block + (batch * n * elem if kept is not None else 0)  # ... and the row sums, while formed
     if cached:
-        return max(work, chunk + 3 * product)
+        return max(forming, keeping, rows + block + 3 * product)
     alive = 3 if completion == "power_mean" else 2
-    return max(alive * product + work, 3 * product)
+    # a chunked product's block: its full rows (freed once kept), its kept block, and that block's product
+    multiplying = (block if kept is not None else rows) + batch * n * tokens * elem
+    return max(alive * product + max(forming, keeping, multiplying), 3 * product)

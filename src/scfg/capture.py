@@ -38,9 +38,6 @@ __all__ = [
     "rows_from_projections",
 ]
 
-# Largest number of float32 score elements materialised at once; heads are processed in chunks below it.
-_CHUNK_ELEMENTS = 1 << 26
-
 
 def grid_for(num_queries: int, latent_grid: Sequence[int]) -> tuple[int, ...]:
     """Return the grid with `num_queries` cells: the latent grid with its last two (spatial) axes ceil-halved k
@@ -201,27 +198,17 @@ def head_averaged_softmax(
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Return `softmax(q kᵀ · scale)` averaged over heads, `[B, Q, K]`, for `query [B, heads, Q, d]`, `key
-    [B, heads, K, d]`, heads processed in chunks below a fixed element budget.
+    [B, heads, K, d]`, with `attn`'s own preparation of `attention_mask`: `AttentionRows(...).dense()`.
 
     The softmax runs in float32 (float64 for a float64 model): half-precision logits overflow.
     """
-    batch, heads, num_queries, _ = query.shape
-    num_keys = key.shape[2]
+    batch, heads = query.shape[:2]
     dtype = torch.promote_types(query.dtype, torch.float32)
     bias = None
     if attention_mask is not None and attn is not None:
-        bias = attn.prepare_attention_mask(attention_mask, num_keys, batch)
+        bias = attn.prepare_attention_mask(attention_mask, key.shape[2], batch)
         bias = bias.view(batch, heads, -1, bias.shape[-1]).to(dtype)
-    step = max(1, _CHUNK_ELEMENTS // max(1, batch * num_queries * num_keys))
-    total = torch.zeros(batch, num_queries, num_keys, dtype=dtype, device=query.device)
-    for start in range(0, heads, step):
-        stop = min(heads, start + step)
-        # the scale goes on the (smaller) queries; the scores are then touched in place only
-        scores = torch.matmul(query[:, start:stop].to(dtype) * scale, key[:, start:stop].to(dtype).transpose(-1, -2))
-        if bias is not None:
-            scores += bias[:, start:stop]
-        total += scores.softmax(dim=-1).sum(dim=1)
-    return total / heads
+    return AttentionRows(query, key, scale, bias).dense()
 
 
 @dataclass

@@ -610,14 +610,13 @@ def _infotext(metadata: dict[str, Any]) -> str:
 def _generate(pipe: Any, args: argparse.Namespace, prompt: str, config: SCFGConfig | None, on_step=None):
     import torch
 
-    from .integration import enable, guidance_arguments
+    from .integration import enable, guidance
     from .tokens import parse_weighted_prompt
 
     prompt, scales = parse_weighted_prompt(prompt)  # "a cat:1.5 on a sofa": per-word guidance (S-CFG only)
 
     kwargs = dict(
         prompt=prompt,
-        **guidance_arguments(pipe, args.scale, args.negative_prompt),
         num_inference_steps=args.steps,
         num_images_per_prompt=args.num_images,
         height=args.height,
@@ -628,11 +627,12 @@ def _generate(pipe: Any, args: argparse.Namespace, prompt: str, config: SCFGConf
     if frames is not None:  # a video pipeline: clips of frames, one per video
         kwargs.update(num_frames=frames, output_type="np")
         kwargs["num_videos_per_prompt"] = kwargs.pop("num_images_per_prompt")
-    if config is None:
-        output = pipe(**kwargs)
-    else:
-        with enable(pipe, config, on_step=on_step, token_scales=scales or None):
-            output = pipe(**kwargs)
+    with guidance(pipe, args.scale, args.negative_prompt) as arguments:
+        if config is None:
+            output = pipe(**kwargs, **arguments)
+        else:
+            with enable(pipe, config, on_step=on_step, token_scales=scales or None):
+                output = pipe(**kwargs, **arguments)
     return list(output.frames) if frames is not None else output.images
 
 

@@ -122,17 +122,12 @@ def generate_pair(
     from PIL import Image
 
     from .diagnostics import Recorder
-    from .integration import enable, guidance_arguments, resolve_config
+    from .integration import enable, guidance, resolve_config
     from .tokens import parse_weighted_prompt
     from .viz import rate_heatmap, region_map
 
     text, scales = parse_weighted_prompt(prompt)
-    kwargs = dict(
-        **guidance_arguments(pipe, scale, negative_prompt or None),
-        num_inference_steps=steps,
-        height=height,
-        width=width,
-    )
+    kwargs = dict(num_inference_steps=steps, height=height, width=width)
 
     accepts_callback = "callback_on_step_end" in inspect.signature(type(pipe).__call__).parameters
 
@@ -146,10 +141,14 @@ def generate_pair(
         return {"callback_on_step_end": callback} if accepts_callback else {}
 
     config = resolve_config(pipe, SCFGConfig.preset(preset))
-    cfg = pipe(text, generator=torch.Generator("cpu").manual_seed(seed), **report("CFG", 0), **kwargs).images[0]
     recorder = Recorder()  # every step, for the per-step GIF (at most LIMITS.max_steps small CPU tensors)
-    with enable(pipe, config, on_step=recorder, token_scales=scales or None):
-        scfg = pipe(text, generator=torch.Generator("cpu").manual_seed(seed), **report("S-CFG", 1), **kwargs).images[0]
+    with guidance(pipe, scale, negative_prompt or None) as arguments:
+        kwargs.update(arguments)
+        cfg = pipe(text, generator=torch.Generator("cpu").manual_seed(seed), **report("CFG", 0), **kwargs).images[0]
+        with enable(pipe, config, on_step=recorder, token_scales=scales or None):
+            scfg = pipe(
+                text, generator=torch.Generator("cpu").manual_seed(seed), **report("S-CFG", 1), **kwargs
+            ).images[0]
     last = recorder.steps[-1]
     regions, legend = region_map(last, 0, scfg.size)
     overlay = Image.blend(scfg.convert("RGB"), regions, 0.45)

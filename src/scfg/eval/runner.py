@@ -24,7 +24,7 @@ import torch
 
 from ..config import SCFGConfig, SCFGError
 from ..diagnostics import Recorder
-from ..integration import enable, guidance_arguments
+from ..integration import enable, guidance
 
 __all__ = ["METHODS", "Job", "merge_manifests", "plan_jobs", "read_manifest", "run_generation"]
 
@@ -99,10 +99,10 @@ def _generate_batch(pipe: Any, jobs: list[Job], steps: int, run: Path, extra: di
     method, scale = jobs[0].method, jobs[0].scale
     recorder = Recorder()
     started = time.time()
-    with enable(pipe, METHODS[method], on_step=recorder):
+    with guidance(pipe, scale) as arguments, enable(pipe, METHODS[method], on_step=recorder):
         images = pipe(
             [j.prompt for j in jobs],
-            **guidance_arguments(pipe, scale),
+            **arguments,
             num_inference_steps=steps,
             generator=[torch.Generator("cpu").manual_seed(j.seed) for j in jobs],
             **extra,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,7 @@ __all__ = [
     "Family",
     "LayerPair",
     "PassContext",
+    "chat_message_words",
     "image_first_split",
     "last_valid_token",
     "middle_half",
@@ -68,6 +70,22 @@ def last_valid_token(cross_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     valid = cross_probs.amax(dim=1) > 0
     last = valid.shape[1] - 1 - valid.flip(dims=[1]).to(torch.uint8).argmax(dim=1)
     return last, valid
+
+
+def chat_message_words(tokenizer: Any, ids: torch.Tensor) -> torch.Tensor | None:
+    """`[P, T]` bool: the positions of the user message's content in ChatML-templated ids (Qwen's template:
+    `<|im_start|>user\n` content `<|im_end|>\n<|im_start|>assistant\n` ...), or None for a tokenizer without
+    ChatML's tags. The content runs from after the role name and its newline (the two tokens after the last
+    `<|im_start|>` before the first `<|im_end|>`; from position 0 where a pipeline dropped that prefix) up to the
+    first `<|im_end|>` (the end of the ids where truncation cut it off)."""
+    start, end = (tokenizer.convert_tokens_to_ids(tag) for tag in ("<|im_start|>", "<|im_end|>"))
+    if not all(isinstance(tag, int) and tag != tokenizer.unk_token_id for tag in (start, end)):
+        return None
+    length = ids.shape[1]
+    position = torch.arange(length, device=ids.device).expand_as(ids)
+    closing = torch.where(ids == end, position, length).amin(dim=1, keepdim=True)
+    opening = torch.where((ids == start) & (position < closing), position, -3).amax(dim=1, keepdim=True)
+    return (position >= opening + 3) & (position < closing)
 
 
 def text_first_split(joint: AttentionRows, text: int | None = None) -> tuple[torch.Tensor, AttentionRows]:
@@ -162,11 +180,15 @@ class Family:
 
     def word_mask(self, segments: list[tuple[Any, torch.Tensor]]) -> torch.Tensor:
         """`[P, T]` bool: which of `tokenize`'s positions are the prompt's words (`region_tokens="words"`, per-word
-        scales' legends). Default: every token that is not one of its tokenizer's special tokens; a family whose text
-        carries a chat template overrides this to leave the template's tokens out."""
-        return torch.cat(
-            [~torch.isin(part, torch.tensor(sorted(set(tok.all_special_ids)))) for tok, part in segments], dim=1
-        )
+        scales' legends). Default: every token that is not one of its tokenizer's special tokens and, in
+        ChatML-templated text (Qwen-Image, FLUX.2 [klein], Z-Image, Krea 2), lies inside the user message
+        (`chat_message_words`): the role name, the newlines and the assistant turn are the template's."""
+        masks = []
+        for tok, part in segments:
+            words = ~torch.isin(part, torch.tensor(sorted(set(tok.all_special_ids))))
+            message = chat_message_words(tok, part)
+            masks.append(words if message is None else words & message)
+        return torch.cat(masks, dim=1)
 
     def token_roles(self, cross_probs: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """`[B]` index of the foreground's reference token (None: token 0) and `[B, T]` real (unmasked) tokens
@@ -197,8 +219,15 @@ class Family:
 
     def guidance_arguments(self, scale: float, negative_prompt: Any = None) -> dict[str, Any]:
         """The pipeline-call arguments that run CFG at `scale` with `negative_prompt` (the CLI, the web UI and
-        `scfg eval` call pipelines through this, so one `--scale` means the CFG scale on every family)."""
+        `scfg eval` call pipelines through `guidance`, so one `--scale` means the CFG scale on every family)."""
         return {"guidance_scale": scale, "negative_prompt": negative_prompt}
+
+    @contextlib.contextmanager
+    def guidance(self, pipe: Any, scale: float, negative_prompt: Any = None) -> Iterator[dict[str, Any]]:
+        """Within the block, calls of `pipe` with the yielded arguments run CFG at `scale`: `guidance_arguments`,
+        and nothing to set up. A family whose scale is not a call argument (HunyuanVideo 1.5's guider) sets it
+        here and puts the pipeline back as it was on the way out."""
+        yield self.guidance_arguments(scale, negative_prompt)
 
     # -- one denoiser call ----------------------------------------------------------------------------------------
 

@@ -43,8 +43,9 @@ CVPR 2024 for S-CFG.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -224,9 +225,26 @@ class HunyuanVideo15Family(Family):
     def guidance_arguments(self, scale: float, negative_prompt: Any = None) -> dict[str, Any]:
         raise SCFGError(
             "Expected a pipeline whose CFG scale is a call argument, but HunyuanVideo15Pipeline takes it from its "
-            f"guider. Set `pipe.guider = pipe.guider.new(guidance_scale={scale:g})` and call the pipeline with "
-            "`negative_prompt=` yourself."
+            f"guider. Use `with scfg.guidance(pipe, {scale:g}) as arguments: pipe(prompt, **arguments)`, or set "
+            f"`pipe.guider = pipe.guider.new(guidance_scale={scale:g})` and pass `negative_prompt=` yourself."
         )
+
+    @contextlib.contextmanager
+    def guidance(self, pipe: Any, scale: float, negative_prompt: Any = None) -> Iterator[dict[str, Any]]:
+        """The scale is the guider's: the pipeline's guider is replaced by a copy at `scale`
+        (`guider.new(guidance_scale=scale)`, diffusers' way to change a guider's config) inside the block, and put
+        back on the way out, also after an exception."""
+        guider = getattr(pipe, "guider", None)
+        if guider is None or not callable(getattr(guider, "new", None)):
+            raise SCFGError(
+                "Expected a HunyuanVideo15Pipeline with a diffusers guider (`pipe.guider`, whose `new()` copies it "
+                f"with another scale), but got {type(guider).__name__}."
+            )
+        pipe.guider = guider.new(guidance_scale=float(scale))
+        try:
+            yield {"negative_prompt": negative_prompt}
+        finally:
+            pipe.guider = guider
 
     # -- one denoiser call ----------------------------------------------------------------------------------------
 

@@ -364,15 +364,5 @@ class QwenImageFamily(Family):
             ids[row, : len(seen)] = torch.tensor(seen, dtype=torch.long)
         return [(tokenizer, ids)]
 
-    def word_mask(self, segments: list[tuple[Any, torch.Tensor]]) -> torch.Tensor:
-        # the prompt's words end at the template's `<|im_end|>`: the tag, the newline and the assistant turn after it
-        # (and the padding) are the template's, never words
-        words = super().word_mask(segments)
-        tokenizer, ids = segments[0]
-        end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        if not isinstance(end, int) or end == tokenizer.unk_token_id:
-            return words
-        return words & ~((ids == end).cumsum(dim=1) > 0)
-
 
 FAMILY = QwenImageFamily()

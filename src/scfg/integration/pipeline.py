@@ -49,6 +49,7 @@ __all__ = [
     "SemanticGuidance",
     "enable",
     "express_guided",
+    "guidance",
     "guidance_arguments",
     "resolve_config",
 ]
@@ -171,6 +172,27 @@ def resolve_config(pipe: Any, config: SCFGConfig | str | None = None) -> SCFGCon
     defaults = {"mask_pool": family.default_mask_pool, "max_layers": family.default_max_layers}
     presets = {name: {**defaults, **overrides.get(name, {})} for name in PRESETS}
     return config.resolve(presets)
+
+
+@contextmanager
+def guidance(pipe: Any, scale: float, negative_prompt: Any = None) -> Iterator[dict[str, Any]]:
+    """Within the block, a call `pipe(prompt, **arguments)` runs CFG at `scale` with `negative_prompt`, for any
+    supported family: `arguments` is `guidance_arguments(...)`, and a family whose scale is not a call argument
+    (HunyuanVideo 1.5: its guider's) sets it for the block and puts the pipeline back as it was on the way out.
+    The CLI, the web UI and `scfg eval` call pipelines this way, so `--scale` means the CFG scale everywhere.
+
+    >>> with scfg.guidance(pipe, 7.5, "blurry") as arguments:  # doctest: +SKIP
+    ...     image = pipe("a red cat", **arguments).images[0]
+    """
+    try:
+        family = family_for(pipe)
+    except SCFGError:
+        family = None
+    if family is None:
+        yield {"guidance_scale": scale, "negative_prompt": negative_prompt}
+        return
+    with family.guidance(pipe, scale, negative_prompt) as arguments:
+        yield arguments
 
 
 def guidance_arguments(pipe: Any, scale: float, negative_prompt: Any = None) -> dict[str, Any]:
