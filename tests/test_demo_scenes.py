@@ -219,3 +219,47 @@ def test_scenes_recipe_trains_resumes_and_exports(tmp_path):
     assert pipe.vae.config.block_out_channels == [32, 64, 128] and pipe.unet.config.sample_size == 16
     exported = json.loads((folder / "training_state.json").read_text())
     assert exported["recipe"] == "scenes" and exported["scfg_levels"] == [1, 2]
+    # the benchmark and the CLI take the domain from the folder: captions that name a background, `levels=(1, 2)`
+    from scfg.cli import main
+    from scfg.demo import demo_domain
+    from scfg.demo.bench import run_benchmark
+
+    domain = demo_domain(folder)
+    assert (domain.recipe, domain.levels, domain.backgrounds) == ("scenes", (1, 2), BACKGROUNDS)
+    pipe.set_progress_bar_config(disable=True)
+    result = run_benchmark(
+        pipe, num_prompts=2, seeds_per_prompt=1, scales=(5.0,), methods=("scfg-official",), steps=2, domain=domain
+    )
+    assert all(split_background(prompt)[1] in BACKGROUNDS for prompt in result["prompts"])
+    assert all(row["background"] is not None and row["background_iou"] is not None for row in result["rows"])
+    out = tmp_path / "cmp.png"
+    assert main(["compare", "a red circle on grass", "--model", str(folder), "--steps", "2", "--out", str(out)]) == 0
+
+
+def test_background_word_position_is_found_after_the_objects(tmp_path):
+    from transformers import CLIPTokenizer
+
+    from scfg.demo.bench import _object_token_positions
+
+    write_tokenizer(str(tmp_path), vocabulary=SCENE_VOCABULARY)
+    tokenizer = CLIPTokenizer.from_pretrained(str(tmp_path))
+    # <start> a(1) small(2) red(3) circle(4) on(5) grass(6): one token per word
+    assert _object_token_positions("a small red circle on grass", tokenizer) == ([[3, 4]], [6])
+
+
+def test_region_iou_against_hand_counted_masks():
+    """The benchmark's IoU: the union of the tokens' regions, brought to the image size by nearest neighbours."""
+    from types import SimpleNamespace
+
+    from scfg.demo.bench import _region_iou
+
+    masks = torch.zeros(1, 3, 2, 2, dtype=torch.bool)
+    masks[0, 0, 0, 0] = True  # token 0: the top-left quarter
+    masks[0, 1, 0, 1] = True  # token 1: the top-right quarter
+    late = [SimpleNamespace(token_masks=masks)] * 2
+    truth = np.zeros((4, 4), dtype=bool)
+    truth[:2, :3] = True  # 6 pixels: all of the top-left quarter, half of the top-right one
+    # tokens 0 and 1: region = the top half (8 pixels), intersection 6, union 8; token 2 owns nothing: 0 of 6
+    assert _region_iou(late, 0, [0, 1], truth) == [0.75, 0.75]
+    assert _region_iou(late, 0, [2], truth) == [0.0, 0.0]
+    assert _region_iou(late, 0, [7], truth) == []  # beyond the text length: no region to compare

@@ -76,7 +76,7 @@ def pool_cells(
 
 class AttentionRows:
     """Head-averaged attention probabilities `softmax(q kᵀ · scale + bias)` averaged over heads, `[B, Q, K]`, formed on
-    demand in query chunks so that no more than `budget` bytes of scores exist at once.
+    demand in blocks of query rows of at most `budget` bytes, each head's scores at most `chunk` bytes at a time.
 
     The arithmetic: queries and keys promoted to float32 (float64 stays float64), the scale multiplied on the
     queries, the bias added to the scores, each head's softmax added into a running total in head order, which is

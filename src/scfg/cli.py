@@ -339,9 +339,17 @@ def _require_matplotlib(flag: str) -> None:
 
 
 def _config(args: argparse.Namespace) -> SCFGConfig:
-    """`config_from_args`, with errors naming the flags (`--rate-clamp`) rather than the fields (`rate_clamp`)."""
+    """`config_from_args`, with errors naming the flags (`--rate-clamp`) rather than the fields (`rate_clamp`). A demo
+    model folder's own `levels` (`scfg.demo.demo_domain`: `(1, 2)` for the `scenes` model) apply unless `--levels`
+    is given."""
+    from .demo import demo_domain
+
     try:
-        return config_from_args(args)
+        config = config_from_args(args)
+        domain = demo_domain(getattr(args, "model", None))
+        if domain is not None and not hasattr(args, "cfg_levels"):
+            config = dataclasses.replace(config, levels=domain.levels)
+        return config
     except SCFGError as err:
         message = str(err)
         for f in dataclasses.fields(SCFGConfig):
@@ -433,6 +441,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
+    from .demo import demo_domain
     from .demo.bench import format_table, run_benchmark
 
     validate_args(args)
@@ -440,7 +449,15 @@ def cmd_bench(args: argparse.Namespace) -> None:
     pipe = load_pipeline(args.model, args.device, "float32")
     pipe.set_progress_bar_config(disable=True)
     result = run_benchmark(
-        pipe, args.prompts, args.seeds, tuple(args.scales), tuple(args.methods), args.steps, args.batch_size, args.out
+        pipe,
+        args.prompts,
+        args.seeds,
+        tuple(args.scales),
+        tuple(args.methods),
+        args.steps,
+        args.batch_size,
+        args.out,
+        domain=demo_domain(args.model),
     )
     print(format_table(result["table"]))
     print(f"{len(result['rows'])} images in {result['seconds']} s; written to {args.out}/")

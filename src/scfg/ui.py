@@ -111,12 +111,14 @@ def generate_pair(
     height: int | None = None,
     width: int | None = None,
     progress: Any = None,
+    levels: tuple[int, ...] | None = None,
 ) -> Pair:
     """CFG image, S-CFG image, region overlay (last step) and rate heatmap for one prompt and seed.
 
     `prompt` may carry per-word scales (`"a cat:1.5 on a sofa"`); they apply to the S-CFG image. `progress`, if
     given, is called as `progress(fraction, desc=...)` after every denoising step of both runs (Gradio's
-    `gr.Progress`), with `fraction` rising from 0 to 1 over the two.
+    `gr.Progress`), with `fraction` rising from 0 to 1 over the two. `levels` overrides the preset's (a demo model's
+    own, `scfg.demo.demo_domain`).
     """
     import torch
     from PIL import Image
@@ -140,7 +142,7 @@ def generate_pair(
         # pipelines without step-end callbacks (DeepFloyd IF) run without per-step progress
         return {"callback_on_step_end": callback} if accepts_callback else {}
 
-    config = resolve_config(pipe, SCFGConfig.preset(preset))
+    config = resolve_config(pipe, SCFGConfig.preset(preset, **({} if levels is None else {"levels": levels})))
     recorder = Recorder()  # every step, for the per-step GIF (at most LIMITS.max_steps small CPU tensors)
     with guidance(pipe, scale, negative_prompt or None) as arguments:
         kwargs.update(arguments)
@@ -252,6 +254,8 @@ def build_app(default_model: str | None = None):
     from .cli import default_model as shipped
 
     models = _Models()
+    from .demo import demo_domain
+
     demo = shipped()
     downloads_root = tempfile.TemporaryDirectory(prefix="scfg-ui-")  # kept alive by `run`; removed at exit
 
@@ -278,6 +282,7 @@ def build_app(default_model: str | None = None):
                     int(height),
                     int(width),
                     generation_progress,
+                    levels=domain.levels if (domain := demo_domain(model)) is not None else None,
                 )
         except SCFGError as err:
             raise gr.Error(str(err)) from err

@@ -9,11 +9,16 @@ Reported per method and scale:
 - the spread (coefficient of variation) of the per-region mean score norms before and after rescaling, averaged
   over steps: what S-CFG equalises (CFG is measured with S-CFG's maps at rate 1, which is CFG itself);
 - the IoU between S-CFG's token regions (the object's colour and shape words) over the last 20% of steps and the
-  object the scorer found in the image: a direct check that the training-free segmentation finds the objects.
+  object the scorer found in the image: a direct check that the training-free segmentation finds the objects;
+  on the `scenes` model also the IoU of the background word's region with the pixels that are not objects.
+
+The prompts and S-CFG's `levels` follow the model's domain (`scfg.demo.demo_domain`): the `scenes` model's
+captions name a background, and its cross-attention is at latent/1 and latent/2.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -27,8 +32,9 @@ import torch.nn.functional as F
 from ..config import SCFGConfig
 from ..diagnostics import Recorder
 from ..integration import enable
+from . import DemoDomain
 from .data import sample_scene
-from .score import parse_caption, score_image
+from .score import object_pixels, parse_caption, score_image, split_background
 
 __all__ = ["METHODS", "held_out_prompts", "run_benchmark"]
 
@@ -39,23 +45,25 @@ METHODS: dict[str, SCFGConfig] = {
 }
 
 
-def held_out_prompts(count: int, seed: int = 20241129) -> list[str]:
-    """`count` captions: 25% one object, 45% two, 30% three; distinct; drawn with their own seed."""
+def held_out_prompts(count: int, seed: int = 20241129, backgrounds: tuple[str, ...] | None = None) -> list[str]:
+    """`count` captions: 25% one object, 45% two, 30% three; distinct; drawn with their own seed; with
+    `backgrounds` (the `scenes` domain) each names one of them."""
     rng = np.random.default_rng(seed)
     plan = [1] * round(count * 0.25) + [2] * round(count * 0.45)
     plan += [3] * (count - len(plan))
     prompts: list[str] = []
     for n in plan:
         while True:
-            caption = sample_scene(rng, num_objects=n).caption
+            caption = sample_scene(rng, num_objects=n, backgrounds=backgrounds).caption
             if caption not in prompts:
                 prompts.append(caption)
                 break
     return prompts
 
 
-def _object_token_positions(caption: str, tokenizer: Any) -> list[list[int]]:
-    """Token positions of each object's colour and shape words (all their tokens), in caption order."""
+def _object_token_positions(caption: str, tokenizer: Any) -> tuple[list[list[int]], list[int]]:
+    """Token positions of each object's colour and shape words (all their tokens), in caption order, and of the
+    background word (empty when the caption names none)."""
     from ..tokens import _word_spans
 
     ids = tokenizer(caption).input_ids
@@ -66,7 +74,11 @@ def _object_token_positions(caption: str, tokenizer: Any) -> list[list[int]]:
         shape = next(span for span in _word_spans(tokenizer, ids, obj.shape) if span[0] > color[-1])
         positions.append([*color, *shape])
         cursor = shape[-1] + 1
-    return positions
+    background = split_background(caption)[1]
+    spans = (
+        [] if background is None else [span for span in _word_spans(tokenizer, ids, background) if span[0] >= cursor]
+    )
+    return positions, list(spans[-1]) if spans else []
 
 
 @dataclass
@@ -85,6 +97,8 @@ class _Row:
     spread_before: float
     spread_after: float
     iou: float | None
+    background: bool | None = None
+    background_iou: float | None = None
 
 
 def _generate(pipe: Any, prompts: list[str], seeds: list[int], config: SCFGConfig, scale: float, steps: int):
@@ -106,9 +120,15 @@ def run_benchmark(
     steps: int = 25,
     batch_size: int = 16,
     out: str | None = None,
+    domain: DemoDomain | None = None,
 ) -> dict[str, Any]:
-    """Run the benchmark; return the per-image rows and the aggregated table (also written to `out`)."""
-    prompts = held_out_prompts(num_prompts)
+    """Run the benchmark; return the per-image rows and the aggregated table (also written to `out`). `domain`
+    (`scfg.demo.demo_domain(folder)`) sets the captions' backgrounds and S-CFG's `levels`; None: the `shapes`
+    domain with each config's own levels."""
+    prompts = held_out_prompts(num_prompts, backgrounds=None if domain is None else domain.backgrounds)
+    configs = {
+        m: METHODS[m] if domain is None else dataclasses.replace(METHODS[m], levels=domain.levels) for m in methods
+    }
     jobs = [(p, 1000 + i * seeds_per_prompt + k) for i, p in enumerate(prompts) for k in range(seeds_per_prompt)]
     rows: list[_Row] = []
     samples: dict[tuple[str, float], list[np.ndarray]] = {}
@@ -118,7 +138,7 @@ def run_benchmark(
             for start in range(0, len(jobs), batch_size):
                 chunk = jobs[start : start + batch_size]
                 images, reports = _generate(
-                    pipe, [p for p, _ in chunk], [s for _, s in chunk], METHODS[method], scale, steps
+                    pipe, [p for p, _ in chunk], [s for _, s in chunk], configs[method], scale, steps
                 )
                 samples.setdefault((method, scale), []).extend(images[:8] if start == 0 else [])
                 late = reports[int(len(reports) * 0.8) :]
@@ -144,25 +164,32 @@ def run_benchmark(
     return result
 
 
+def _region_iou(late, i: int, tokens: list[int], truth: np.ndarray) -> list[float]:
+    """IoU of the union of `tokens`' regions in sample `i` with the `[H, W]` bool `truth`, one per late step."""
+    tokens = [t for t in tokens if t < late[0].token_masks.shape[1]]  # cut off at the text length
+    if not tokens:
+        return []
+    ious = []
+    for report in late:
+        region = report.token_masks[i, tokens].any(dim=0).float()[None, None]
+        region = F.interpolate(region, size=truth.shape, mode="nearest")[0, 0].bool().numpy()
+        union = np.logical_or(region, truth).sum()
+        ious.append(np.logical_and(region, truth).sum() / union if union else 0.0)
+    return ious
+
+
 def _score_one(method, scale, prompt, seed, image, reports, late, i, positions) -> _Row:
     score, matched = score_image(image, prompt)
     spread_before = float(np.mean([float(r.norm_spread(after=False)[i]) for r in reports]))
     # CFG runs at rate 1: its norms are not rescaled
     after = method != "cfg"
     spread_after = float(np.mean([float(r.norm_spread(after=after)[i]) for r in reports]))
+    objects, background = positions
     ious = []
-    size = image.shape[:2]
-    for tokens, detection in zip(positions, matched, strict=True):
-        if detection is None:
-            continue
-        tokens = [t for t in tokens if t < reports[0].token_masks.shape[1]]  # cut off at the text length
-        if not tokens:
-            continue
-        for report in late:
-            region = report.token_masks[i, tokens].any(dim=0).float()[None, None]
-            region = F.interpolate(region, size=size, mode="nearest")[0, 0].bool().numpy()
-            union = np.logical_or(region, detection.mask).sum()
-            ious.append(np.logical_and(region, detection.mask).sum() / union if union else 0.0)
+    for tokens, detection in zip(objects, matched, strict=True):
+        if detection is not None:
+            ious += _region_iou(late, i, tokens, detection.mask)
+    background_ious = _region_iou(late, i, background, ~object_pixels(image, textured=True)) if background else []
     return _Row(
         method=method,
         scale=scale,
@@ -178,6 +205,8 @@ def _score_one(method, scale, prompt, seed, image, reports, late, i, positions) 
         spread_before=spread_before,
         spread_after=spread_after,
         iou=float(np.mean(ious)) if ious else None,
+        background=score.background,
+        background_iou=float(np.mean(background_ious)) if background_ious else None,
     )
 
 
@@ -188,6 +217,8 @@ def summarise(rows: list[_Row]) -> list[dict[str, Any]]:
             group = [r for r in rows if r.method == method and r.scale == scale]
             relations = [r.relation for r in group if r.relation is not None]
             ious = [r.iou for r in group if r.iou is not None]
+            backgrounds = [r.background for r in group if r.background is not None]
+            background_ious = [r.background_iou for r in group if r.background_iou is not None]
             entry = {
                 "method": method,
                 "scale": scale,
@@ -204,6 +235,8 @@ def summarise(rows: list[_Row]) -> list[dict[str, Any]]:
                 "spread_before": np.mean([r.spread_before for r in group]),
                 "spread_after": np.mean([r.spread_after for r in group]),
                 "region_iou": np.mean(ious) if ious else float("nan"),
+                "background": np.mean(backgrounds) if backgrounds else float("nan"),
+                "background_iou": np.mean(background_ious) if background_ious else float("nan"),
             }
             table.append({k: float(v) if isinstance(v, np.floating | float) else v for k, v in entry.items()})
     return table
@@ -227,6 +260,8 @@ def format_table(table: list[dict[str, Any]]) -> str:
         "spread_after",
         "region_iou",
     ]
+    if any(not np.isnan(row.get("background", float("nan"))) for row in table):  # the `scenes` domain
+        columns += ["background", "background_iou"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in table:
         cells = [

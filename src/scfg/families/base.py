@@ -78,8 +78,13 @@ def chat_message_words(tokenizer: Any, ids: torch.Tensor) -> torch.Tensor | None
     ChatML's tags. The content runs from after the role name and its newline (the two tokens after the last
     `<|im_start|>` before the first `<|im_end|>`; from position 0 where a pipeline dropped that prefix) up to the
     first `<|im_end|>` (the end of the ids where truncation cut it off)."""
-    start, end = (tokenizer.convert_tokens_to_ids(tag) for tag in ("<|im_start|>", "<|im_end|>"))
-    if not all(isinstance(tag, int) and tag != tokenizer.unk_token_id for tag in (start, end)):
+    tags = ("<|im_start|>", "<|im_end|>")
+    start, end = (tokenizer.convert_tokens_to_ids(tag) for tag in tags)
+    # both tags must be tokens of their own: a tokenizer without them maps them to its unknown (or another) id
+    if (
+        not all(isinstance(i, int) for i in (start, end))
+        or tuple(tokenizer.convert_ids_to_tokens([start, end])) != tags
+    ):
         return None
     length = ids.shape[1]
     position = torch.arange(length, device=ids.device).expand_as(ids)

@@ -57,10 +57,11 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DEFAULT_MEMORY_BUDGET = DEFAULT_BUDGET
-"""Bytes of attention scores S-CFG forms at once (256 MiB, `scfg.attention.AttentionRows`'s budget): a layer's
-head-averaged self-attention `[B, Q, Q]` up to this size is formed whole, a larger one in query chunks. The peak
-extra memory of a layer's completion is `scfg.attention.peak_extra_bytes(...)`: at most about 4x the budget (the
-scores, their softmax, the head sum, the running total) plus three `[B, Q, T]` products."""
+"""Bytes of head-averaged attention rows S-CFG holds at once (256 MiB, `scfg.attention.AttentionRows`'s budget): a
+layer's self-attention `[B, Q, Q]` up to this size is formed whole, once, a larger one in blocks of query rows for
+each product. The scores are formed one head and at most 4 MiB at a time whatever the budget. The peak extra
+memory of a layer's completion is `scfg.attention.peak_extra_bytes(...)`: about one block of rows plus three
+`[B, Q, T]` products."""
 
 Role = Literal["cond", "uncond"]
 
@@ -230,10 +231,10 @@ def enable(
         layout (`scfg.engine.CFGLayout`, *optional*): how the sampling loop runs CFG, for a loop of your own
             around the pipeline's components (separate passes, another order, `c + s(c - u)`); by default the model
             family reads it from each call of its pipeline.
-        memory_budget (`int`): bytes of attention scores formed at once (default 256 MiB). A self-attention map
-            `[B, Q, Q]` larger than this is formed in query chunks and never held whole; the completion's peak extra
-            memory is then at most about 4x the budget plus three `[B, Q, T]` products
-            (`scfg.attention.peak_extra_bytes`).
+        memory_budget (`int`): bytes of head-averaged attention rows held at once (default 256 MiB). A
+            self-attention map `[B, Q, Q]` larger than this is formed in blocks of query rows for each product and
+            never held whole; the completion's peak extra memory is then about one block plus three `[B, Q, T]`
+            products (`scfg.attention.peak_extra_bytes`).
 
     Only calls of `pipe` made inside the `with` block are guided; the object does nothing until it is entered.
 
