@@ -904,6 +904,34 @@ def breakdown(bench: Bench):
     return spent, total
 
 
+def op_profile(bench: Bench, pairs: int = 2, top: int = 8) -> None:
+    """Self CPU time per aten op in `pairs` CFG steps and as many S-CFG steps, interleaved, and the ops whose time
+    differs most (S-CFG minus CFG, per step): what S-CFG adds shows up as its own ops (`bmm`, `softmax`, `sum`),
+    while the model's ops (`addmm`, fused attention) differ only by the machine's step-to-step noise."""
+    from torch.profiler import ProfilerActivity, profile
+
+    spent: dict[str, list[dict[str, float]]] = {"cfg": [], "scfg": []}
+    for _ in range(pairs):
+        for method in ("cfg", "scfg"):
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                seconds = time_one(method, bench)
+            ops = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages() if not e.key.startswith("scfg.")}
+            spent[method].append(ops)
+            print(f"op profile: {method} step {seconds:.3f} s", file=sys.stderr, flush=True)
+    keys = set().union(*spent["cfg"], *spent["scfg"])
+    diff = {
+        k: sum(o.get(k, 0.0) for o in spent["scfg"]) / pairs - sum(o.get(k, 0.0) for o in spent["cfg"]) / pairs
+        for k in keys
+    }
+    ranked = sorted(diff.items(), key=lambda item: -abs(item[1]))[:top]
+    print()
+    print(f"| aten op | S-CFG - CFG self CPU time per step (s), mean of {pairs} pairs |")
+    print("|---|---|")
+    for key, seconds in ranked:
+        print(f"| {key} | {seconds:+.3f} |")
+    print(f"| (all ops) | {sum(diff.values()):+.3f} |")
+
+
 def peak_memory(args, method):
     """Peak memory of one step of `method`, in a fresh process."""
     command = [sys.executable, __file__, "--model", args.model, "--size", str(args.size), "--device", args.device]
@@ -968,6 +996,9 @@ def main():
     parser.add_argument("--methods", nargs="+", default=None, help="default: cfg scfg scfg-reuse (+ naive for UNets)")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--memory-methods", nargs="+", default=None, help="methods whose peak memory is measured")
+    parser.add_argument(
+        "--op-profile", type=int, default=0, metavar="PAIRS", help="also profile PAIRS cfg/scfg step pairs op by op"
+    )
     parser.add_argument("--_memory", help=argparse.SUPPRESS)
     args = parser.parse_args()
     model = MODELS[args.model]
@@ -991,6 +1022,8 @@ def main():
             times[method].append(time_one(method, bench))
             print(f"rep {rep}: {method} {times[method][-1]:.3f} s", file=sys.stderr, flush=True)
     spent, total = breakdown(bench)
+    if args.op_profile:
+        op_profile(bench, args.op_profile)
     median = {m: statistics.median(v) for m, v in times.items()}
     params = sum(p.numel() for p in bench.denoiser.parameters()) / 1e6
     print(f"timings: {json.dumps(times)}; breakdown {json.dumps(spent)} of {total:.3f} s", flush=True)
