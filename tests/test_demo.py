@@ -93,7 +93,8 @@ def test_object_token_positions_follow_the_caption(tmp_path):
     write_tokenizer(str(tmp_path))
     tokenizer = CLIPTokenizer.from_pretrained(str(tmp_path))
     caption = "a small red circle left of a large blue triangle"
-    assert _object_token_positions(caption, tokenizer) == ([[3, 4], [9, 10]], [])  # no background named
+    # size, colour and shape words of each object; no background named
+    assert _object_token_positions(caption, tokenizer) == ([[2, 3, 4], [8, 9, 10]], [])
 
 
 def test_benchmark_runs_end_to_end_on_a_tiny_model(tiny_demo_path, tmp_path):

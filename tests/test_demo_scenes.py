@@ -244,7 +244,7 @@ def test_background_word_position_is_found_after_the_objects(tmp_path):
     write_tokenizer(str(tmp_path), vocabulary=SCENE_VOCABULARY)
     tokenizer = CLIPTokenizer.from_pretrained(str(tmp_path))
     # <start> a(1) small(2) red(3) circle(4) on(5) grass(6): one token per word
-    assert _object_token_positions("a small red circle on grass", tokenizer) == ([[3, 4]], [6])
+    assert _object_token_positions("a small red circle on grass", tokenizer) == ([[2, 3, 4]], [6])
 
 
 def test_region_iou_against_hand_counted_masks():

@@ -8,7 +8,7 @@ Reported per method and scale:
 - per-attribute accuracies (colour present, shape, size, relation, exact object count) and full-prompt accuracy;
 - the spread (coefficient of variation) of the per-region mean score norms before and after rescaling, averaged
   over steps: what S-CFG equalises (CFG is measured with S-CFG's maps at rate 1, which is CFG itself);
-- the IoU between S-CFG's token regions (the object's colour and shape words) over the last 20% of steps and the
+- the IoU between S-CFG's token regions (the object's words: size, colour, shape) over the last 20% of steps and the
   object the scorer found in the image: a direct check that the training-free segmentation finds the objects;
   on the `scenes` model also the IoU of the background word's region with the pixels that are not objects.
 
@@ -62,17 +62,18 @@ def held_out_prompts(count: int, seed: int = 20241129, backgrounds: tuple[str, .
 
 
 def _object_token_positions(caption: str, tokenizer: Any) -> tuple[list[list[int]], list[int]]:
-    """Token positions of each object's colour and shape words (all their tokens), in caption order, and of the
-    background word (empty when the caption names none)."""
+    """Token positions of each object's words (its size word, if any, its colour and its shape; all their tokens), in
+    caption order, and of the background word (empty when the caption names none)."""
     from ..tokens import _word_spans
 
     ids = tokenizer(caption).input_ids
     requested, _ = parse_caption(caption)
     positions, cursor = [], 0
     for obj in requested:
+        size = [] if obj.size is None else next(s for s in _word_spans(tokenizer, ids, obj.size) if s[0] >= cursor)
         color = next(span for span in _word_spans(tokenizer, ids, obj.color) if span[0] >= cursor)
         shape = next(span for span in _word_spans(tokenizer, ids, obj.shape) if span[0] > color[-1])
-        positions.append([*color, *shape])
+        positions.append([*size, *color, *shape])
         cursor = shape[-1] + 1
     background = split_background(caption)[1]
     spans = (
