@@ -26,7 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from scfg.attention import DEFAULT_BUDGET, AttentionRows
+from scfg.attention import DEFAULT_BUDGET, DEFAULT_CHUNK, AttentionRows
 from scfg.segment import complete_cross_attention
 
 # name: (heads, head dim, image tokens as a (h, w) grid, text tokens in the softmax, text tokens kept, joint)
@@ -78,7 +78,7 @@ def measure(name: str, reps: int) -> dict[str, float]:
     return {
         "layer attention": timed(lambda: F.scaled_dot_product_attention(query, key, value), reps),
         "floor": timed(lambda: F.scaled_dot_product_attention(pooled.query, key, value), reps),
-        "S-CFG rows + completion": timed(lambda: ours(AttentionRows(query, key, scale).chunk), reps),
+        "S-CFG rows + completion": timed(lambda: ours(DEFAULT_CHUNK), reps),
         "same, 256 MiB score blocks": timed(lambda: ours(DEFAULT_BUDGET), reps),
     }
 

@@ -81,8 +81,8 @@ class AttentionRows:
     The arithmetic: queries and keys promoted to float32 (float64 stays float64), the scale multiplied on the
     queries, the bias added to the scores, each head's softmax added into a running total in head order, which is
     divided by the number of heads at the end. Each head's scores are formed in blocks of rows of at most `chunk`
-    bytes; every element is summed over its heads in the same order whatever the blocks, so the rows do not depend
-    on `budget` or `chunk`.
+    bytes; every element is summed over its heads in the same order whatever the blocks, so `budget` and `chunk`
+    change the rows only through the score matmul's own rounding for another number of rows (ulps).
 
     Args:
         query (`torch.Tensor`): `[B, H, Q, d]` queries (heads split, q-norm and rotary embedding applied).
@@ -96,8 +96,10 @@ class AttentionRows:
             text block are read separately.
         budget (`int`, defaults to `DEFAULT_BUDGET`): bytes of head-averaged rows `[B, rows, K]` formed at once;
             the whole rows are kept for every product when they fit (see `peak_extra_bytes`).
-        chunk (`int`, defaults to `DEFAULT_CHUNK`): bytes of one head's scores `[B, rows, K]` formed at once
-            (at most `budget`); a speed setting: it changes no result.
+        chunk (`int`, *optional*): bytes of one head's scores `[B, rows, K]` formed at once (at most `budget`); a
+            speed setting. Defaults to `DEFAULT_CHUNK` on the CPU, where it keeps the scores in the cache, and to
+            `budget` elsewhere: on a GPU each block costs kernel launches, and the chunk's best value there has not
+            been measured (no GPU was lent).
         column_pool (`(grid, factor)`, *optional*): the kept columns are the cells of `grid` (the image keys of a
             self-attention block); sum them into the cells of `pooled_grid(grid, factor)` after any renormalisation,
             so each row gives the probability of attending to each pooled cell (`pool_columns`).
@@ -121,7 +123,7 @@ class AttentionRows:
         columns: slice | None = None,
         renormalise: bool = False,
         budget: int = DEFAULT_BUDGET,
-        chunk: int = DEFAULT_CHUNK,
+        chunk: int | None = None,
         column_pool: tuple[tuple[int, ...], int] | None = None,
     ) -> None:
         if query.ndim != 4 or key.ndim != 4 or query.shape[:2] != key.shape[:2] or query.shape[3] != key.shape[3]:
@@ -129,6 +131,8 @@ class AttentionRows:
                 f"Expected `query` [B, H, Q, d] and `key` [B, H, K, d] with the same B, H and d, but got "
                 f"{tuple(query.shape)} and {tuple(key.shape)}."
             )
+        if chunk is None:
+            chunk = DEFAULT_CHUNK if query.device.type == "cpu" else budget
         if int(budget) < 1 or int(chunk) < 1:
             raise ValueError(f"Expected a positive `budget` and `chunk` in bytes, but got {budget} and {chunk}.")
         batch, heads, num_queries, _ = query.shape
@@ -375,7 +379,8 @@ def peak_extra_bytes(
         tokens (`int`, defaults to `0`): `T`, the text tokens of `cross_probs`; 0 leaves the products out.
         head_dim (`int`, defaults to `0`): `d`; 0 leaves the query rows and copies out.
         kept (`int`, *optional*): the columns of a renormalised `select`; `None` for the whole rows.
-        chunk (`int`, defaults to `DEFAULT_CHUNK`): the `AttentionRows` chunk in bytes.
+        chunk (`int`, defaults to `DEFAULT_CHUNK`): the `AttentionRows` chunk in bytes (its CPU default; on a GPU the
+            default chunk is the budget).
         completion (`str`, defaults to `"official"`): `"official"` or `"power_mean"`.
 
     >>> round(peak_extra_bytes(2, 32760, 32760, 12, 1 << 26, tokens=512, head_dim=128) / 1e9, 2)

@@ -59,7 +59,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_MEMORY_BUDGET = DEFAULT_BUDGET
 """Bytes of head-averaged attention rows S-CFG holds at once (256 MiB, `scfg.attention.AttentionRows`'s budget): a
 layer's self-attention `[B, Q, Q]` up to this size is formed whole, once, a larger one in blocks of query rows for
-each product. The scores are formed one head and at most 4 MiB at a time whatever the budget. The peak extra
+each product. The scores are formed one head at a time, on the CPU at most 4 MiB at a time whatever the budget. The peak extra
 memory of a layer's completion is `scfg.attention.peak_extra_bytes(...)`: about one block of rows plus three
 `[B, Q, T]` products."""
 
