@@ -625,6 +625,8 @@ def _infotext(metadata: dict[str, Any]) -> str:
 
 
 def _generate(pipe: Any, args: argparse.Namespace, prompt: str, config: SCFGConfig | None, on_step=None):
+    from contextlib import nullcontext
+
     import torch
 
     from .integration import enable, guidance
@@ -644,12 +646,9 @@ def _generate(pipe: Any, args: argparse.Namespace, prompt: str, config: SCFGConf
     if frames is not None:  # a video pipeline: clips of frames, one per video
         kwargs.update(num_frames=frames, output_type="np")
         kwargs["num_videos_per_prompt"] = kwargs.pop("num_images_per_prompt")
-    with guidance(pipe, args.scale, args.negative_prompt) as arguments:
-        if config is None:
-            output = pipe(**kwargs, **arguments)
-        else:
-            with enable(pipe, config, on_step=on_step, token_scales=scales or None):
-                output = pipe(**kwargs, **arguments)
+    scope = nullcontext() if config is None else enable(pipe, config, on_step=on_step, token_scales=scales or None)
+    with guidance(pipe, args.scale, args.negative_prompt) as arguments, scope:
+        output = pipe(**kwargs, **arguments)
     return list(output.frames) if frames is not None else output.images
 
 
