@@ -3,10 +3,10 @@
     python benchmarks/overhead.py --model sd15 --reps 5            # SD 1.5 UNet at 512x512, float32 CPU
     python benchmarks/overhead.py --model sdxl --reps 3            # SDXL UNet at 1024x1024 (Kolors: --model kolors)
     python benchmarks/overhead.py --model pixart-sigma --size 512  # PixArt-Sigma, SD3-medium: --model sd3
-    python benchmarks/overhead.py --model flux --size 512 --flux-blocks 2  # FLUX.1 true CFG, cut to 2 + 4 blocks
+    python benchmarks/overhead.py --model flux --blocks 1  # FLUX.1 true CFG, cut to 1 + 2 blocks (default 2 + 4)
     python benchmarks/overhead.py --model chroma --size 512  # Chroma (FLUX.2 [klein]: flux2-klein), 2 + 4 blocks
     python benchmarks/overhead.py --model qwen-image --size 512  # Qwen-Image true CFG, cut to 4 of 60 blocks
-    python benchmarks/overhead.py --model wan --device cuda  # Wan 2.1 1.3B, 17 frames at 480x832, 4 of 30 blocks
+    python benchmarks/overhead.py --model wan --frames 81 --device cuda  # Wan 2.1 1.3B at 480x832, 4 of 30 blocks
     python benchmarks/overhead.py --model ltx  # LTX-Video 0.9, 25 frames at 512x768, 4 of 28 blocks
     python benchmarks/overhead.py --model z-image --size 512  # Z-Image (list CFG; Krea 2: krea2), 4 blocks
     python benchmarks/overhead.py --model hunyuan-video15 --device cuda  # 33 frames at 480x848, 4 of 54 blocks
@@ -23,7 +23,8 @@ Methods, interleaved A B C A B C ... after a warm-up, median over `--reps` steps
   keeps every map at latent/2 and below; the same S-CFG rule then runs on the stored maps (UNets only: the prior
   ports exist for SD/SDXL).
 Peak memory is measured in a fresh subprocess per method (RSS on CPU, max allocated on GPU).
-Prints a markdown table with ratios against `cfg` from the same run.
+Prints a markdown table with ratios against `cfg` from the same run, and for a cut model the factor by which
+`time / CFG - 1` transfers to the whole one (`_cut`, `transfer`).
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ PIXART_SIGMA = dict(  # PixArt-alpha/PixArt-Sigma-XL-2-1024-MS transformer/confi
     interpolation_scale=2,
     use_additional_conditions=False,
 )
-FLUX_DEV = dict(  # black-forest-labs/FLUX.1-dev transformer/config.json, 19 + 38 blocks cut to --flux-blocks
+FLUX_DEV = dict(  # black-forest-labs/FLUX.1-dev transformer/config.json, 19 + 38 blocks, cut by --blocks
     patch_size=1,
     in_channels=64,
     num_layers=19,
@@ -116,7 +117,7 @@ FLUX_DEV = dict(  # black-forest-labs/FLUX.1-dev transformer/config.json, 19 + 3
     guidance_embeds=True,
     axes_dims_rope=(16, 56, 56),
 )
-CHROMA_HD = dict(  # lodestones/Chroma1-HD (ChromaTransformer2DModel's defaults), 19 + 38 blocks, --flux-blocks
+CHROMA_HD = dict(  # lodestones/Chroma1-HD (ChromaTransformer2DModel's defaults), 19 + 38 blocks, cut by --blocks
     patch_size=1,
     in_channels=64,
     num_layers=19,
@@ -144,7 +145,7 @@ FLUX2_KLEIN_4B = dict(  # FLUX.2 [klein] (base) 4B: diffusers' scripts/convert_f
     eps=1e-6,
     guidance_embeds=False,
 )
-WAN21_1_3B = dict(  # Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json, 30 blocks cut to _WAN_BLOCKS
+WAN21_1_3B = dict(  # Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json, 30 blocks, cut by --blocks
     patch_size=(1, 2, 2),
     num_attention_heads=12,
     attention_head_dim=128,
@@ -159,7 +160,7 @@ WAN21_1_3B = dict(  # Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json, 
     eps=1e-6,
     rope_max_seq_len=1024,
 )
-QWEN_IMAGE = dict(  # Qwen/Qwen-Image transformer/config.json, 60 double-stream blocks cut to _QWEN_BLOCKS
+QWEN_IMAGE = dict(  # Qwen/Qwen-Image transformer/config.json, 60 double-stream blocks, cut by --blocks
     patch_size=2,
     in_channels=64,
     out_channels=16,
@@ -170,7 +171,7 @@ QWEN_IMAGE = dict(  # Qwen/Qwen-Image transformer/config.json, 60 double-stream 
     guidance_embeds=False,
     axes_dims_rope=(16, 56, 56),
 )
-LTX_VIDEO = dict(  # Lightricks/LTX-Video (0.9) transformer/config.json, 28 blocks cut to _LTX_BLOCKS
+LTX_VIDEO = dict(  # Lightricks/LTX-Video (0.9) transformer/config.json, 28 blocks, cut by --blocks
     in_channels=128,
     out_channels=128,
     patch_size=1,
@@ -228,15 +229,17 @@ class Model:
 
     name: str
     size: int  # image side in pixels (the latent is size / 8)
-    build: Callable[[], nn.Module]
-    inputs: Callable[[int, torch.device, torch.dtype], dict]
+    build: Callable[[int | str | None], nn.Module]  # the cut's block count, "full", or None for a whole model
+    inputs: Callable[..., dict]  # (latent side, device, dtype[, video_frames=])
     holder: tuple[str, ...]
     naive: bool  # prior art exists (UNets): measure the naive approach too
     passes: str = "batched"  # how its pipeline runs CFG: one [uncond, cond] batch, "separate" passes, or "list"
+    blocks: int | None = None  # the default cut (see `_cut`); None: the whole model is built
+    frames: int | None = None  # video models: the clip's frames by default
 
 
 def _unet(config):
-    def build():
+    def build(blocks):
         from diffusers import UNet2DConditionModel
 
         return UNet2DConditionModel(**config)
@@ -245,7 +248,7 @@ def _unet(config):
 
 
 def _transformer(cls_name, config):
-    def build():
+    def build(blocks):
         import diffusers
 
         return getattr(diffusers, cls_name)(**config)
@@ -304,22 +307,31 @@ def _sd3_inputs(latent, device, dtype):
     )
 
 
-def _flux(config):
-    def build():
-        from diffusers import FluxTransformer2DModel
+def _cut(cls_name, config, key, single=None):
+    """A transformer from its real config with its stack of blocks (`config[key]`) cut to `blocks`, and for the
+    FLUX-like models its single-stream stack (`config[single]`) to twice that; `blocks="full"` keeps the whole."""
 
-        # The whole 12B model does not fit in 24 GiB in float32: the blocks are cut to --flux-blocks k double- and
-        # 2k single-stream ones, every width, head count and the 512-token text kept. S-CFG's extra work is per
-        # captured double-stream block (the middle half: 11 of the full 19, all k here) and the step's cost per
-        # block (a single-stream block costs about half a double one), so (time ratio - 1) transfers to the full
-        # model multiplied by (11 / k) / (38 / 2k) = 0.58 at k = 2.
-        blocks = int(_FLUX_BLOCKS[0])
-        return FluxTransformer2DModel(**{**config, "num_layers": blocks, "num_single_layers": 2 * blocks})
+    def build(blocks):
+        import diffusers
+
+        cls = getattr(diffusers, cls_name)
+        if blocks == "full":
+            return cls(**config)
+        return cls(**{**config, key: blocks, **({single: 2 * blocks} if single else {})})
 
     return build
 
 
-_FLUX_BLOCKS = [2]
+# Where a whole model does not fit in 24 GiB in float32, or a CPU step of it takes many minutes, the `Model` entry
+# cuts its blocks (`Model.blocks`, `--blocks`) and keeps every width, head count and the text length. S-CFG's extra
+# work per step is per captured layer (each of the same geometry), plus the regions and the rule, once per step; the
+# step's work is proportional to the parameters (each parameter multiplies every token once). So `time / CFG - 1`
+# of the cut model transfers to the full one multiplied by (captured_full / parameters_full) / (captured_cut /
+# parameters_cut), which `transfer()` computes from the full model built on the meta device, and prints.
+
+
+def _flux(config):
+    return _cut("FluxTransformer2DModel", config, "num_layers", "num_single_layers")
 
 
 def _flux_inputs(latent, device, dtype):
@@ -338,18 +350,7 @@ def _flux_inputs(latent, device, dtype):
 
 
 def _chroma(config):
-    def build():
-        from diffusers import ChromaTransformer2DModel
-
-        # FLUX.1's block structure (8.9B parameters, 36 GB in float32): cut like FLUX to --flux-blocks k double- and
-        # 2k single-stream blocks, every width, head count, the approximator and the 512-token text kept. S-CFG's
-        # extra work is per captured double-stream block (the middle half: 11 of the full 19, all k here) and the
-        # step's cost per block (a single-stream block costs about half a double one), so (time ratio - 1)
-        # transfers to the full model multiplied by (11 / k) / (38 / 2k) = 0.58 at k = 2, as for FLUX.1.
-        blocks = int(_FLUX_BLOCKS[0])
-        return ChromaTransformer2DModel(**{**config, "num_layers": blocks, "num_single_layers": 2 * blocks})
-
-    return build
+    return _cut("ChromaTransformer2DModel", config, "num_layers", "num_single_layers")
 
 
 _CHROMA_KEPT = 66  # T5 positions Chroma keeps of 512: a 64-token prompt, `</s>` and one pad; the rest masked
@@ -366,19 +367,7 @@ def _chroma_inputs(latent, device, dtype):
 
 
 def _flux2_klein(config):
-    def build():
-        from diffusers import Flux2Transformer2DModel
-
-        # The whole 4B model fits in 24 GiB in float32 (15 GB), but a CPU step of it takes minutes: cut like FLUX to
-        # --flux-blocks k double- and 2k single-stream blocks, every width, head count and the 512-token text kept.
-        # S-CFG's extra work is per captured double-stream block (those after the first quarter: 4 of the full 5,
-        # both at k = 2) and the step's cost per block (a single-stream block has about half a double one's
-        # weights), so (time ratio - 1) transfers to the full model multiplied by (4 / 15) / (2 / 4) = 0.53 at
-        # k = 2 (full: 5 + 20 / 2 = 15 double-block units; cut: 2 + 4 / 2 = 4).
-        blocks = int(_FLUX_BLOCKS[0])
-        return Flux2Transformer2DModel(**{**config, "num_layers": blocks, "num_single_layers": 2 * blocks})
-
-    return build
+    return _cut("Flux2Transformer2DModel", config, "num_layers", "num_single_layers")
 
 
 def _flux2_klein_inputs(latent, device, dtype):
@@ -396,26 +385,16 @@ def _flux2_klein_inputs(latent, device, dtype):
 
 
 def _wan(config):
-    def build():
-        from diffusers import WanTransformer3DModel
-
-        # Cut to _WAN_BLOCKS of the 30 blocks (every width, head count and the 512-token text kept), so that a CPU
-        # run stays short; the full 1.3B model also fits in 24 GiB in float32. S-CFG's extra work is per captured
-        # block (the middle half: 16 of the full 30, blocks 7-22; 2 of 4 here) and the step's cost per block, so
-        # (time ratio - 1) transfers to the full model multiplied by (16 / 30) / (2 / 4) = 1.07.
-        return WanTransformer3DModel(**{**config, "num_layers": _WAN_BLOCKS})
-
-    return build
+    return _cut("WanTransformer3DModel", config, "num_layers")
 
 
-_WAN_BLOCKS = 4
 _WAN_FRAMES = 17  # video frames: (17 - 1) / 4 + 1 = 5 latent frames
 
 
-def _wan_inputs(latent, device, dtype):
+def _wan_inputs(latent, device, dtype, video_frames=_WAN_FRAMES):
     # `--size` is the height; the width keeps Wan's 480x832 aspect (60x104 latent at 480), even for the 2x2 patch
     width = 2 * round(latent * 832 / 480 / 2)
-    frames = (_WAN_FRAMES - 1) // 4 + 1
+    frames = (video_frames - 1) // 4 + 1
     return dict(
         hidden_states=torch.randn(1, 16, frames, latent, width, device=device, dtype=dtype),
         encoder_hidden_states=torch.randn(1, 512, 4096, device=device, dtype=dtype),  # no zero padding: all 512 real
@@ -424,20 +403,9 @@ def _wan_inputs(latent, device, dtype):
 
 
 def _qwen_image(config):
-    def build():
-        from diffusers import QwenImageTransformer2DModel
-
-        # The whole 20B model (1.4 GB of float32 weights per block) does not fit in 24 GiB: cut to _QWEN_BLOCKS of
-        # the 60 identical double-stream blocks, every width, head count and the text width kept. S-CFG's extra work
-        # is per captured block (the middle half: 30 of the full 60, blocks 15-44; 2 of 4 here, blocks 1-2) and the
-        # step's cost per block, so (time ratio - 1) transfers to the full model multiplied by (30 / 60) / (2 / 4)
-        # = 1; the per-step segmentation and rate rule are then spread over 15 times the work.
-        return QwenImageTransformer2DModel(**{**config, "num_layers": _QWEN_BLOCKS})
-
-    return build
+    return _cut("QwenImageTransformer2DModel", config, "num_layers")
 
 
-_QWEN_BLOCKS = 4
 _QWEN_TEXT = 256  # Qwen-Image does not pad a single prompt: a long prompt plus the template's 5 closing tokens
 
 
@@ -452,30 +420,19 @@ def _qwen_image_inputs(latent, device, dtype):
 
 
 def _ltx(config):
-    def build():
-        from diffusers import LTXVideoTransformer3DModel
-
-        # Cut to _LTX_BLOCKS of the 28 identical blocks (every width, head count and the 128-token text kept), so
-        # that a CPU step takes seconds, not minutes; the full 1.9B model also fits in 24 GiB in float32. S-CFG's
-        # extra work is per captured block (the middle half: 14 of the full 28, blocks 7-20; 2 of 4 here, blocks
-        # 1-2) and the step's cost per block, so (time ratio - 1) transfers to the full model multiplied by
-        # (14 / 28) / (2 / 4) = 1; the per-step segmentation and rate rule are then spread over 7 times the work.
-        return LTXVideoTransformer3DModel(**{**config, "num_layers": _LTX_BLOCKS})
-
-    return build
+    return _cut("LTXVideoTransformer3DModel", config, "num_layers")
 
 
-_LTX_BLOCKS = 4
 _LTX_FRAMES = 25  # video frames: (25 - 1) / 8 + 1 = 4 latent frames
 _LTX_TEXT = 128  # LTXPipeline's default max_sequence_length
 
 
-def _ltx_inputs(latent, device, dtype):
+def _ltx_inputs(latent, device, dtype, video_frames=_LTX_FRAMES):
     # `--size` is the height; the width keeps 512x768's aspect. LTX's VAE compresses 32x in space (the harness's
     # `latent` is size / 8) and 8x in time; tokens are packed [B, F·H·W, 128] (patch sizes 1 and 1)
     height = latent // 4
     width = 2 * round(height * 768 / 512 / 2)
-    frames = (_LTX_FRAMES - 1) // 8 + 1
+    frames = (video_frames - 1) // 8 + 1
     return dict(
         hidden_states=torch.randn(2, frames * height * width, 128, device=device, dtype=dtype),
         encoder_hidden_states=torch.randn(2, _LTX_TEXT, 4096, device=device, dtype=dtype),
@@ -489,32 +446,20 @@ def _ltx_inputs(latent, device, dtype):
 
 
 def _hunyuan_video15(config):
-    def build():
-        from diffusers import HunyuanVideo15Transformer3DModel
-
-        # The 8.3B model (0.6 GB of float32 weights per block) does not fit in 24 GiB in float32: cut to
-        # _HUNYUAN_BLOCKS of the 54 identical dual-stream blocks (every width, head count and the 1985-position text
-        # kept). S-CFG's extra work is per captured block (the middle half: 28 of the full 54, blocks 13-40; 2 of 4
-        # here, blocks 1-2) and the step's cost per block, so (time ratio - 1) transfers to the full model multiplied
-        # by (28 / 54) / (2 / 4) = 1.04; the per-step segmentation and rate rule are then spread over 13 times the
-        # work. Only the cond pass captures (this family's presets take tokens and foreground from it).
-        return HunyuanVideo15Transformer3DModel(**{**config, "num_layers": _HUNYUAN_BLOCKS})
-
-    return build
+    return _cut("HunyuanVideo15Transformer3DModel", config, "num_layers")
 
 
-_HUNYUAN_BLOCKS = 4
 _HUNYUAN_FRAMES = 33  # video frames: (33 - 1) / 4 + 1 = 9 latent frames
 _HUNYUAN_PROMPT = 120  # valid Qwen tokens of a prompt (the pipeline pads to 1000); no quoted text for byT5
 
 
-def _hunyuan_video15_inputs(latent, device, dtype):
+def _hunyuan_video15_inputs(latent, device, dtype, video_frames=_HUNYUAN_FRAMES):
     # `--size` is the height; the width keeps 480x848's aspect. The VAE compresses 16x in space (the harness's
     # `latent` is size / 8) and 4x in time; the patch is 1, so the 9x30x53 latent is 14,310 image tokens. The text is
     # what the pipeline passes: 1000 Qwen positions (120 valid), 256 byT5 ones (none valid), 729 zero image tokens.
     height = latent // 2
     width = round(height * 848 / 480)
-    frames = (_HUNYUAN_FRAMES - 1) // 4 + 1
+    frames = (video_frames - 1) // 4 + 1
     mask = torch.zeros(1, 1000, device=device, dtype=dtype)
     mask[:, :_HUNYUAN_PROMPT] = 1
     return dict(
@@ -567,21 +512,9 @@ KREA2 = dict(  # Krea 2's transformer config (diffusers' Krea2Transformer2DModel
 
 
 def _z_image(config):
-    def build():
-        from diffusers import ZImageTransformer2DModel
-
-        # 6.2B parameters (25 GB in float32) do not fit in 24 GiB: cut to _Z_IMAGE_BLOCKS of the 30 main blocks,
-        # the 2 + 2 refiner blocks, every width, head count and the caption width kept. S-CFG's extra work is per
-        # captured main block (the middle half: 16 of the full 30, blocks 7-22; 2 of 4 here, blocks 1-2) and the
-        # step's cost per block (the 2 noise-refiner blocks over the image cost about as much as 2 main ones, the
-        # context refiner over the caption alone little): 32 block units in full, 6 cut, so (time ratio - 1)
-        # transfers to the full model multiplied by (16 / 32) / (2 / 6) = 1.5.
-        return ZImageTransformer2DModel(**{**config, "n_layers": _Z_IMAGE_BLOCKS})
-
-    return build
+    return _cut("ZImageTransformer2DModel", config, "n_layers")
 
 
-_Z_IMAGE_BLOCKS = 4
 _Z_IMAGE_TEXT = (128, 8)  # caption tokens: a long prompt in the chat template, and the empty negative prompt's 8
 
 
@@ -597,20 +530,9 @@ def _z_image_inputs(latent, device, dtype):
 
 
 def _krea2(config):
-    def build():
-        from diffusers import Krea2Transformer2DModel
-
-        # 13B parameters (52 GB in float32) do not fit in 24 GiB: cut to _KREA2_BLOCKS of the 28 identical
-        # blocks, the text fusion, every width, head count (48 query, 12 key/value) and the 512-token text kept.
-        # S-CFG's extra work is per captured block (the middle half: 14 of the full 28, blocks 7-20; 2 of 4 here,
-        # blocks 1-2) and the step's cost per block, so (time ratio - 1) transfers to the full model multiplied by
-        # (14 / 28) / (2 / 4) = 1 (a little less: the text fusion, a few % of a cut step, is a smaller share).
-        return Krea2Transformer2DModel(**{**config, "num_layers": _KREA2_BLOCKS})
-
-    return build
+    return _cut("Krea2Transformer2DModel", config, "num_layers")
 
 
-_KREA2_BLOCKS = 4
 _KREA2_PROMPT = 128  # real prompt tokens of the 512 text positions; the rest of the prompt part is masked padding
 
 
@@ -644,8 +566,12 @@ MODELS = {
         ("transformer",),
         False,
     ),
-    "flux": Model("FLUX.1-dev (true CFG)", 1024, _flux(FLUX_DEV), _flux_inputs, ("transformer",), False, "separate"),
-    "chroma": Model("Chroma1-HD (CFG)", 1024, _chroma(CHROMA_HD), _chroma_inputs, ("transformer",), False, "separate"),
+    "flux": Model(
+        "FLUX.1-dev (true CFG)", 1024, _flux(FLUX_DEV), _flux_inputs, ("transformer",), False, "separate", blocks=2
+    ),
+    "chroma": Model(
+        "Chroma1-HD (CFG)", 1024, _chroma(CHROMA_HD), _chroma_inputs, ("transformer",), False, "separate", blocks=2
+    ),
     "flux2-klein": Model(
         "FLUX.2 [klein] base 4B (CFG)",
         1024,
@@ -654,6 +580,7 @@ MODELS = {
         ("transformer",),
         False,
         "separate",
+        blocks=2,
     ),
     "sd3": Model(
         "SD3-medium MMDiT",
@@ -664,60 +591,80 @@ MODELS = {
         False,
     ),
     "wan": Model(
-        "Wan 2.1 T2V-1.3B (17 frames at 480x832; --size is the height)",
+        "Wan 2.1 T2V-1.3B (480x832; --size is the height)",
         480,
         _wan(WAN21_1_3B),
         _wan_inputs,
         ("transformer",),
         False,
         "separate",
+        blocks=4,
+        frames=_WAN_FRAMES,
     ),
     "qwen-image": Model(
-        "Qwen-Image (true CFG, 4 of 60 blocks)",
+        "Qwen-Image (true CFG)",
         1024,
         _qwen_image(QWEN_IMAGE),
         _qwen_image_inputs,
         ("transformer",),
         False,
         "separate",
+        blocks=4,
     ),
     "ltx": Model(
-        "LTX-Video 0.9 (25 frames at 512x768, 4 of 28 blocks; --size is the height)",
+        "LTX-Video 0.9 (512x768; --size is the height)",
         512,
         _ltx(LTX_VIDEO),
         _ltx_inputs,
         ("transformer",),
         False,
+        blocks=4,
+        frames=_LTX_FRAMES,
     ),
     "hunyuan-video15": Model(
-        "HunyuanVideo 1.5 480p T2V (cond + uncond passes through its guider, 33 frames at 480x848, 4 of 54 "
-        "blocks; --size is the height)",
+        "HunyuanVideo 1.5 480p T2V (cond + uncond passes through its guider, 480x848; --size is the height)",
         480,
         _hunyuan_video15(HUNYUAN_VIDEO15),
         _hunyuan_video15_inputs,
         ("transformer",),
         False,
         "separate",
+        blocks=4,
+        frames=_HUNYUAN_FRAMES,
     ),
     "z-image": Model(
-        "Z-Image (list CFG, 4 of 30 main blocks)",
-        1024,
-        _z_image(Z_IMAGE),
-        _z_image_inputs,
-        ("transformer",),
-        False,
-        "list",
+        "Z-Image (list CFG)", 1024, _z_image(Z_IMAGE), _z_image_inputs, ("transformer",), False, "list", blocks=4
     ),
-    "krea2": Model(
-        "Krea 2 (CFG, 4 of 28 blocks)", 1024, _krea2(KREA2), _krea2_inputs, ("transformer",), False, "separate"
-    ),
+    "krea2": Model("Krea 2 (CFG)", 1024, _krea2(KREA2), _krea2_inputs, ("transformer",), False, "separate", blocks=4),
 }
 
 
-def build(model: Model, size: int, device: str, dtype: torch.dtype):
+def build(model: Model, size: int, device: str, dtype: torch.dtype, blocks=None, frames=None):
     torch.manual_seed(0)
-    denoiser = model.build().to(device, dtype).eval()
-    return denoiser, model.inputs(size // 8, torch.device(device), dtype)
+    denoiser = model.build(blocks or model.blocks).to(device, dtype).eval()
+    clip = {"video_frames": frames or model.frames} if model.frames else {}
+    return denoiser, model.inputs(size // 8, torch.device(device), dtype, **clip)
+
+
+def transfer(model: Model, bench_denoiser: nn.Module) -> str:
+    """How `time / CFG - 1` of a cut model transfers to the whole one (see `_cut`): the layers S-CFG captures and
+    the parameters, here and in the whole model built on the meta device (no memory)."""
+    if model.blocks is None:
+        return "the whole model is measured"
+
+    def captured(denoiser):
+        with enabled(SimpleNamespace(model=model, denoiser=denoiser)) as handle:
+            return len(handle.pairs), sum(p.numel() for p in denoiser.parameters())
+
+    cut_layers, cut_params = captured(bench_denoiser)
+    with torch.device("meta"):
+        full = model.build("full")
+    full_layers, full_params = captured(full)
+    factor = (full_layers / full_params) / (cut_layers / cut_params)
+    return (
+        f"captured layers: {cut_layers} here ({cut_params / 1e9:.2f}B parameters), {full_layers} in the whole model "
+        f"({full_params / 1e9:.2f}B): (time / CFG - 1) transfers to it multiplied by {factor:.3f}"
+    )
 
 
 def fake_pipe(model: Model, denoiser, guidance_scale=7.5, timesteps=(500,)):
@@ -935,7 +882,8 @@ def op_profile(bench: Bench, pairs: int = 2, top: int = 8) -> None:
 def peak_memory(args, method):
     """Peak memory of one step of `method`, in a fresh process."""
     command = [sys.executable, __file__, "--model", args.model, "--size", str(args.size), "--device", args.device]
-    command += ["--dtype", args.dtype, "--threads", str(args.threads), "--flux-blocks", str(args.flux_blocks)]
+    command += ["--dtype", args.dtype, "--threads", str(args.threads)]
+    command += [f"--{name}={getattr(args, name)}" for name in ("blocks", "frames") if getattr(args, name)]
     command += ["--_memory", method]
     out = subprocess.run(command, capture_output=True, text=True)
     if out.returncode != 0:  # e.g. SIGKILL from the kernel's out-of-memory killer
@@ -977,8 +925,7 @@ def memory_child(args):
 
 def make_bench(args) -> Bench:
     model = MODELS[args.model]
-    _FLUX_BLOCKS[0] = args.flux_blocks
-    denoiser, inputs = build(model, args.size, args.device, getattr(torch, args.dtype))
+    denoiser, inputs = build(model, args.size, args.device, getattr(torch, args.dtype), args.blocks, args.frames)
     uncond = torch.randn_like(inputs["encoder_hidden_states"]) if model.passes == "separate" else None
     return Bench(model, denoiser, inputs, args.device, uncond)
 
@@ -992,7 +939,13 @@ def main():
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps per method before timing")
     parser.add_argument("--threads", type=int, default=0)
-    parser.add_argument("--flux-blocks", type=int, default=2, help="FLUX-like: k double-, 2k single-stream blocks")
+    parser.add_argument(
+        "--blocks",
+        type=int,
+        default=None,
+        help="cut models: keep this many blocks (FLUX-like: k double-, 2k single-stream)",
+    )
+    parser.add_argument("--frames", type=int, default=None, help="video models: the clip's frames")
     parser.add_argument("--methods", nargs="+", default=None, help="default: cfg scfg scfg-reuse (+ naive for UNets)")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--memory-methods", nargs="+", default=None, help="methods whose peak memory is measured")
@@ -1007,6 +960,10 @@ def main():
         args.methods = ["cfg", "scfg", "scfg-reuse"] + (["naive"] if model.naive else [])
     if "naive" in args.methods and not model.naive:
         parser.error(f"--model {args.model}: the naive approach is only implemented for UNets (sd15, sdxl)")
+    if args.blocks is not None and model.blocks is None:
+        parser.error(f"--model {args.model} is measured whole: --blocks applies to the cut models only")
+    if args.frames is not None and model.frames is None:
+        parser.error(f"--model {args.model} is not a video model: --frames applies to wan, ltx, hunyuan-video15")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args._memory:
@@ -1027,12 +984,21 @@ def main():
     median = {m: statistics.median(v) for m, v in times.items()}
     params = sum(p.numel() for p in bench.denoiser.parameters()) / 1e6
     print(f"timings: {json.dumps(times)}; breakdown {json.dumps(spent)} of {total:.3f} s", flush=True)
+    transfer_line = transfer(model, bench.denoiser)
     del bench  # the memory children each build their own model: do not hold a second copy meanwhile
     gc.collect()
     measured = [m for m in args.methods if args.memory_methods is None or m in args.memory_methods]
     memory = {} if args.no_memory else {m: peak_memory(args, m) for m in measured}
+    k = args.blocks or model.blocks
+    two_stacks = "flux" in args.model or args.model == "chroma"
+    cut = (
+        (f", cut to {k} double- and {2 * k} single-stream blocks" if two_stacks else f", cut to {k} blocks")
+        if model.blocks
+        else ""
+    )
+    clip = f", {args.frames or model.frames} frames" if model.frames else ""
     print(
-        f"{model.name} ({params:.0f}M parameters, random weights) at {args.size}x{args.size}, "
+        f"{model.name}{cut}{clip} ({params:.0f}M parameters, random weights) at {f'{args.size} px high' if model.frames else f'{args.size}x{args.size}'}, "
         f"{'cond + uncond passes' if model.passes == 'separate' else 'batch 2 (uncond+cond)'}, {args.device} {args.dtype}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
         f"{platform.processor() or platform.machine()}; medians of {args.reps} interleaved steps after "
         f"{args.warmup} warm-up"
@@ -1054,6 +1020,9 @@ def main():
         )
     share = ", ".join(f"{k} {v:.4f} s ({v / total:.1%})" for k, v in spent.items())
     print(f"S-CFG step breakdown (one instrumented step of {total:.3f} s): {share}; all steps: {json.dumps(times)}")
+    # memory: S-CFG's extra bytes depend on one layer's geometry, not on the number of blocks, so the whole model's
+    # memory / CFG is at most the cut one's
+    print(f"transfer: {transfer_line}")
 
 
 if __name__ == "__main__":
