@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import PRESETS, SCFGConfig, SCFGError
+from .demo.bench import METHODS as BENCH_METHODS
 
 __all__ = ["main"]
 
@@ -188,12 +189,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         nargs="+",
         default=["cfg", "scfg-official", "scfg-paper"],
-        choices=["cfg", "scfg-official", "scfg-paper"],
+        choices=list(BENCH_METHODS),
+        help="scfg-mean, -no-completion, -power-mean, -words and -no-clamp are ablations of scfg-official",
+    )
+    bench.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of the captions (0: none)")
+    bench.add_argument(
+        "--no-fidelity", action="store_true", help="skip the Fréchet distance (the domain's FID, scfg.demo.fidelity)"
     )
     bench.add_argument("--steps", type=int, default=25)
     bench.add_argument("--batch-size", type=int, default=16)
     bench.add_argument("--device", default=None)
-    bench.add_argument("--out", default="bench", help="folder for results.json, table.md, samples.png")
+    bench.add_argument("--out", default="bench", help="folder for results.json, table.md, samples.png, curves.png")
     bench.add_argument("--overwrite", action="store_true", help="replace results of an earlier run in --out")
     ui = sub.add_parser("ui", help="web UI (Gradio): CFG and S-CFG side by side with regions")
     ui.add_argument("--model", default=None, help="default: the shipped demo model")
@@ -445,7 +451,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from .demo.bench import format_table, run_benchmark
 
     validate_args(args)
-    _check_writable([Path(args.out) / name for name in ("results.json", "table.md", "samples.png")], args.overwrite)
+    names = ("results.json", "table.md", "samples.png", "curves.png")
+    _check_writable([Path(args.out) / name for name in names], args.overwrite)
     pipe = load_pipeline(args.model, args.device, "float32")
     pipe.set_progress_bar_config(disable=True)
     result = run_benchmark(
@@ -458,6 +465,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
         args.batch_size,
         args.out,
         domain=demo_domain(args.model),
+        fidelity=None if args.no_fidelity else "shipped",
+        resamples=args.resamples,
     )
     print(format_table(result["table"]))
     print(f"{len(result['rows'])} images in {result['seconds']} s; written to {args.out}/")

@@ -14,6 +14,20 @@ Reported per method and scale:
 
 The prompts and S-CFG's `levels` follow the model's domain (`scfg.demo.demo_domain`): the `scenes` model's
 captions name a background, and its cross-attention is at latent/1 and latent/2.
+
+The paper's protocol, on a domain where everything is known:
+- fidelity: `fd`, the Fréchet distance of the generated images' features to those of renderings of the same
+  captions, in the feature space of a small network trained on rendered scenes (`scfg.demo.fidelity`: the domain's
+  FID);
+- alignment: the exact scorer's full-prompt accuracy and its T2I-CompBench-style categories: colour binding
+  (`color`), shape binding (`shape`: colour and shape right), texture/background (`background`), spatial relation
+  (`relation`);
+- 95% bootstrap intervals over captions (`*_ci`), resampled the same way for every method, and `full_vs_cfg`, the
+  paired difference to CFG at the same scale;
+- `effective_scale`: the mean `g · rate` S-CFG applied, to compare methods at matched effective scale;
+- `curves.png`: accuracy against `fd` and against the effective scale, one point per scale;
+- the ablations of `official` in `METHODS`: the whole-image benchmark (`scfg-mean`), the completion
+  (`scfg-no-completion`, `scfg-power-mean`), word tokens only (`scfg-words`), no clamps (`scfg-no-clamp`).
 """
 
 from __future__ import annotations
@@ -34,6 +48,7 @@ from ..diagnostics import Recorder
 from ..integration import enable
 from . import DemoDomain
 from .data import sample_scene
+from .fidelity import features, frechet_distance, load_feature_net, render_caption
 from .score import object_pixels, parse_caption, score_image, split_background
 
 __all__ = ["METHODS", "held_out_prompts", "run_benchmark"]
@@ -42,6 +57,14 @@ METHODS: dict[str, SCFGConfig] = {
     "cfg": SCFGConfig(rate_clamp=(1.0, 1.0), max_effective_scale=None, rate_map_smoothing=None),
     "scfg-official": SCFGConfig.preset("official"),
     "scfg-paper": SCFGConfig.preset("paper"),
+    # ablations of `official`, one knob each (docs/algorithm.md): the whole image as the benchmark region (the
+    # paper's S-CFG-mean), the completion (none: the cross-attention alone; the paper's power mean), the tokens that
+    # may own regions (only the caption's words), and the clamps (neither [0.8, 3] nor the g·rate <= 15 cap)
+    "scfg-mean": SCFGConfig.preset("official", benchmark="mean"),
+    "scfg-no-completion": SCFGConfig.preset("official", completion="none"),
+    "scfg-power-mean": SCFGConfig.preset("official", completion="power_mean"),
+    "scfg-words": SCFGConfig.preset("official", region_tokens="words"),
+    "scfg-no-clamp": SCFGConfig.preset("official", rate_clamp=None, max_effective_scale=None),
 }
 
 
@@ -100,6 +123,8 @@ class _Row:
     iou: float | None
     background: bool | None = None
     background_iou: float | None = None
+    effective_scale: float | None = None  # g x the mean rate S-CFG applied, over the image and the steps
+    job: int = -1  # index into the (prompt, seed) jobs: the same noise for every method and scale
 
 
 def _generate(pipe: Any, prompts: list[str], seeds: list[int], config: SCFGConfig, scale: float, steps: int):
@@ -117,20 +142,36 @@ def run_benchmark(
     num_prompts: int = 60,
     seeds_per_prompt: int = 2,
     scales: tuple[float, ...] = (3.0, 5.0, 7.5),
-    methods: tuple[str, ...] = tuple(METHODS),
+    methods: tuple[str, ...] = ("cfg", "scfg-official", "scfg-paper"),
     steps: int = 25,
     batch_size: int = 16,
     out: str | None = None,
     domain: DemoDomain | None = None,
+    fidelity: Any = "shipped",
+    resamples: int = 1000,
 ) -> dict[str, Any]:
-    """Run the benchmark; return the per-image rows and the aggregated table (also written to `out`). `domain`
-    (`scfg.demo.demo_domain(folder)`) sets the captions' backgrounds and S-CFG's `levels`; None: the `shapes`
-    domain with each config's own levels."""
+    """Run the benchmark; return the per-image rows and the aggregated table (also written to `out`, with
+    `curves.png`). `domain` (`scfg.demo.demo_domain(folder)`) sets the captions' backgrounds and S-CFG's `levels`;
+    None: the `shapes` domain with each config's own levels. `fidelity`: the feature network of the Fréchet distance
+    (`scfg.demo.fidelity`; "shipped" loads the package's, None skips the distance). `resamples`: bootstrap
+    resamples of the captions for the 95% intervals (0: none)."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"Expected methods among {sorted(METHODS)}, but got {unknown}.")
+    if out is not None:
+        try:
+            import matplotlib  # noqa: F401  (curves.png; checked before the long run, not after it)
+        except ImportError as err:
+            raise ImportError(
+                "Expected matplotlib for the benchmark's curves.png: `pip install 'semantic-cfg[eval]'`."
+            ) from err
     prompts = held_out_prompts(num_prompts, backgrounds=None if domain is None else domain.backgrounds)
     configs = {
         m: METHODS[m] if domain is None else dataclasses.replace(METHODS[m], levels=domain.levels) for m in methods
     }
     jobs = [(p, 1000 + i * seeds_per_prompt + k) for i, p in enumerate(prompts) for k in range(seeds_per_prompt)]
+    net = load_feature_net() if isinstance(fidelity, str) and fidelity == "shipped" else fidelity
+    fake: dict[tuple[str, float], list[torch.Tensor]] = {}
     rows: list[_Row] = []
     samples: dict[tuple[str, float], list[np.ndarray]] = {}
     started = time.time()
@@ -142,16 +183,27 @@ def run_benchmark(
                     pipe, [p for p, _ in chunk], [s for _, s in chunk], configs[method], scale, steps
                 )
                 samples.setdefault((method, scale), []).extend(images[:8] if start == 0 else [])
+                if net is not None:
+                    fake.setdefault((method, scale), []).append(features(net, images))
                 late = reports[int(len(reports) * 0.8) :]
                 for i, ((prompt, seed), image) in enumerate(zip(chunk, images, strict=True)):
                     positions = _object_token_positions(prompt, pipe.tokenizer)
-                    rows.append(_score_one(method, scale, prompt, seed, image, reports, late, i, positions))
-    table = summarise(rows)
+                    row = _score_one(method, scale, prompt, seed, image, reports, late, i, positions)
+                    rows.append(dataclasses.replace(row, job=start + i))
+    fidelity_features = None
+    if net is not None:
+        size = samples[(methods[0], scales[0])][0].shape[:2]
+        # the reference: one rendering per job of its caption on the domain's 64x64 canvas, its layout drawn from the
+        # job's seed, resized (area) to the generated images' size so that both reach the network at one resolution
+        reference = np.stack([_resized(render_caption(p, np.random.default_rng(seed)), size) for p, seed in jobs])
+        fidelity_features = (features(net, reference), {key: torch.cat(v) for key, v in fake.items()})
+    table = summarise(rows, fidelity_features, resamples)
     result = {
         "prompts": prompts,
         "seeds_per_prompt": seeds_per_prompt,
         "scales": list(scales),
         "steps": steps,
+        "resamples": resamples,
         "seconds": round(time.time() - started, 1),
         "table": table,
         "rows": [r.__dict__ for r in rows],
@@ -162,6 +214,7 @@ def run_benchmark(
         (folder / "results.json").write_text(json.dumps(result, indent=1))
         (folder / "table.md").write_text(format_table(table))
         _sample_grid(samples).save(folder / "samples.png")
+        plot_curves(table, folder / "curves.png")
     return result
 
 
@@ -177,6 +230,14 @@ def _region_iou(late, i: int, tokens: list[int], truth: np.ndarray) -> list[floa
         union = np.logical_or(region, truth).sum()
         ious.append(np.logical_and(region, truth).sum() / union if union else 0.0)
     return ious
+
+
+def _resized(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    from PIL import Image
+
+    if image.shape[:2] == tuple(size):
+        return image
+    return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.Resampling.BOX))
 
 
 def _score_one(method, scale, prompt, seed, image, reports, late, i, positions) -> _Row:
@@ -208,10 +269,48 @@ def _score_one(method, scale, prompt, seed, image, reports, late, i, positions) 
         iou=float(np.mean(ious)) if ious else None,
         background=score.background,
         background_iou=float(np.mean(background_ious)) if background_ious else None,
+        effective_scale=float(np.mean([r.guidance_scale * float(r.rate_map[i].mean()) for r in reports]))
+        if reports
+        else None,
     )
 
 
-def summarise(rows: list[_Row]) -> list[dict[str, Any]]:
+# the statistics that get a bootstrap interval: per-image fields averaged over the images that have them
+_INTERVALS = ("full", "color", "shape", "background", "relation")
+
+
+def _per_prompt(group: list[_Row], prompts: list[str], field: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per caption: the sum of `field` over its images that have a value, and how many do."""
+    sums, counts = np.zeros(len(prompts)), np.zeros(len(prompts))
+    index = {p: k for k, p in enumerate(prompts)}
+    for r in group:
+        value = getattr(r, field)
+        if value is not None:
+            sums[index[r.prompt]] += float(value)
+            counts[index[r.prompt]] += 1
+    return sums, counts
+
+
+def _interval(values: np.ndarray) -> list[float]:
+    """The 95% percentile interval of bootstrap values (NaN where a resample had no image with the field)."""
+    values = values[np.isfinite(values)]
+    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))] if len(values) else [np.nan] * 2
+
+
+def summarise(
+    rows: list[_Row],
+    fidelity: tuple[torch.Tensor, dict[tuple[str, float], torch.Tensor]] | None = None,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """One entry per (method, scale). Intervals: the captions are resampled with replacement (`resamples` times,
+    every image of a drawn caption kept), the same draws for every method and scale, so that differences between
+    methods are paired; `full_vs_cfg` is the interval of the full-accuracy difference to CFG at the same scale.
+    `fidelity`: the reference's and each group's generated images' features (in job order), for `fd`."""
+    prompts = list(dict.fromkeys(r.prompt for r in rows))
+    draws = np.random.default_rng(seed).integers(0, len(prompts), (resamples, len(prompts)))
+    jobs_of = {p: sorted({r.job for r in rows if r.prompt == p}) for p in prompts}
+    boot_full: dict[tuple[str, float], np.ndarray] = {}
     table = []
     for method in dict.fromkeys(r.method for r in rows):
         for scale in dict.fromkeys(r.scale for r in rows if r.method == method):
@@ -220,10 +319,12 @@ def summarise(rows: list[_Row]) -> list[dict[str, Any]]:
             ious = [r.iou for r in group if r.iou is not None]
             backgrounds = [r.background for r in group if r.background is not None]
             background_ious = [r.background_iou for r in group if r.background_iou is not None]
-            entry = {
+            scales = [r.effective_scale for r in group if r.effective_scale is not None]
+            entry: dict[str, Any] = {
                 "method": method,
                 "scale": scale,
                 "images": len(group),
+                "effective_scale": np.mean(scales) if scales else float("nan"),
                 "color": np.mean([r.color for r in group]),
                 "shape": np.mean([r.shape for r in group]),
                 "size": np.mean([r.size for r in group]),
@@ -239,42 +340,120 @@ def summarise(rows: list[_Row]) -> list[dict[str, Any]]:
                 "background": np.mean(backgrounds) if backgrounds else float("nan"),
                 "background_iou": np.mean(background_ious) if background_ious else float("nan"),
             }
+            if resamples:
+                for field in _INTERVALS:
+                    sums, counts = _per_prompt(group, prompts, field)
+                    with np.errstate(invalid="ignore", divide="ignore"):
+                        values = sums[draws].sum(1) / counts[draws].sum(1)
+                    entry[f"{field}_ci"] = _interval(values)
+                    if field == "full":
+                        boot_full[(method, scale)] = values
+            if fidelity is not None:
+                reference, fake = fidelity
+                generated = fake[(method, scale)]
+                entry["fd"] = frechet_distance(generated, reference)
+                if resamples:
+                    picks = [np.concatenate([jobs_of[prompts[k]] for k in draw]) for draw in draws]
+                    entry["fd_ci"] = _interval(np.array([frechet_distance(generated[j], reference[j]) for j in picks]))
             table.append({k: float(v) if isinstance(v, np.floating | float) else v for k, v in entry.items()})
+    cfg_full = {row["scale"]: row["full"] for row in table if row["method"] == "cfg"}
+    for row in table:
+        if row["method"] != "cfg" and row["scale"] in cfg_full:
+            row["full_vs_cfg"] = row["full"] - cfg_full[row["scale"]]
+            if resamples:
+                row["full_vs_cfg_ci"] = _interval(
+                    boot_full[(row["method"], row["scale"])] - boot_full[("cfg", row["scale"])]
+                )
     return table
 
 
+_COLUMNS = (
+    "method",
+    "scale",
+    "effective_scale",
+    "images",
+    "fd",
+    "full",
+    "full_vs_cfg",
+    "color",
+    "shape",
+    "size",
+    "relation",
+    "count",
+    "full_1obj",
+    "full_2obj",
+    "full_3obj",
+    "spread_before",
+    "spread_after",
+    "region_iou",
+)
+
+
 def format_table(table: list[dict[str, Any]]) -> str:
-    columns = [
-        "method",
-        "scale",
-        "images",
-        "color",
-        "shape",
-        "size",
-        "relation",
-        "count",
-        "full",
-        "full_1obj",
-        "full_2obj",
-        "full_3obj",
-        "spread_before",
-        "spread_after",
-        "region_iou",
-    ]
+    """Markdown; a statistic with a bootstrap interval reads `value [low, high]`."""
+    columns = [c for c in _COLUMNS if any(c in row for row in table)]
     if any(not np.isnan(row.get("background", float("nan"))) for row in table):  # the `scenes` domain
         columns += ["background", "background_iou"]
+
+    def cell(row: dict[str, Any], c: str) -> str:
+        value = row.get(c)
+        if value is None:
+            return "-"
+        if not isinstance(value, float):
+            return str(value)
+        if c == "scale":
+            return f"{value:g}"
+        text = f"{value:+.3f}" if c == "full_vs_cfg" else f"{value:.3f}"
+        interval = row.get(f"{c}_ci")
+        return f"{text} [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else text
+
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in table:
-        cells = [
-            f"{row[c]:.3f}"
-            if isinstance(row[c], float) and c != "scale"
-            else f"{row[c]:g}"
-            if isinstance(row[c], float)
-            else str(row[c])
-            for c in columns
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["| " + " | ".join(cell(row, c) for c in columns) + " |" for row in table]
     return "\n".join(lines) + "\n"
+
+
+def plot_curves(table: list[dict[str, Any]], path: str | Path) -> None:
+    """Fidelity-alignment curves: per method, one point per guidance scale, full-prompt accuracy against the
+    Fréchet distance (left; where the table has one) and against the mean effective scale S-CFG applied (right: the
+    methods compared at matched effective scale), each with its 95% bootstrap intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    has_fd = any("fd" in row for row in table)
+    fig, axes = plt.subplots(1, 2 if has_fd else 1, figsize=(11 if has_fd else 5.5, 4.2), squeeze=False)
+    panels = (["fd"] if has_fd else []) + ["effective_scale"]
+    labels = {
+        "fd": "Fréchet distance (domain features; lower is closer to renderings)",
+        "effective_scale": "mean effective scale g·rate",
+    }
+    for ax, x_key in zip(axes[0], panels, strict=True):
+        for method in dict.fromkeys(row["method"] for row in table):
+            points = sorted((row for row in table if row["method"] == method), key=lambda row: row["scale"])
+            x = np.array([row[x_key] for row in points])
+            y = np.array([row["full"] for row in points])
+            y_ci = np.array([row.get("full_ci", [v, v]) for row, v in zip(points, y, strict=True)])
+            x_ci = np.array([row.get(f"{x_key}_ci", [v, v]) for row, v in zip(points, x, strict=True)])
+            ax.errorbar(
+                x,
+                y,
+                yerr=np.abs(y_ci.T - y),
+                xerr=np.abs(x_ci.T - x),
+                marker="o",
+                capsize=2,
+                label=method,
+            )
+            for row, xi, yi in zip(points, x, y, strict=True):
+                ax.annotate(f"{row['scale']:g}", (xi, yi), textcoords="offset points", xytext=(3, 3), fontsize=7)
+        ax.set_xlabel(labels[x_key])
+        ax.set_ylabel("full-prompt accuracy (exact scorer)")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("CFG vs S-CFG over guidance scales (labels: g); bars: 95% bootstrap intervals over captions")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _sample_grid(samples: dict[tuple[str, float], list[np.ndarray]]):

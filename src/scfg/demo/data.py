@@ -161,9 +161,11 @@ def render(
     return image
 
 
-def _place(
+def place_objects(
     rng: np.random.Generator, extents: list[int], size: int, tries: int = 200
 ) -> list[tuple[float, float]] | None:
+    """Random `(y, x)` centres for objects of bounding sides `extents`, inside the canvas and 2 px apart; None when
+    `tries` draws per object do not fit them."""
     centers: list[tuple[float, float]] = []
     for extent in extents:
         for _ in range(tries):
@@ -181,7 +183,8 @@ def _place(
     return centers
 
 
-def _relation(a: SceneObject, b: SceneObject) -> str:
+def relation_between(a: SceneObject, b: SceneObject) -> str:
+    """The caption's relation of `a` to `b`: the axis of their larger centre offset decides."""
     dy, dx = a.center[0] - b.center[0], a.center[1] - b.center[1]
     if abs(dx) >= abs(dy):
         return "left of" if dx < 0 else "right of"
@@ -209,7 +212,7 @@ def sample_scene(
         # distinct (colour, shape) pairs so that every phrase names one object
         if len({(a[0], a[1]) for a in attrs}) < n:
             continue
-        centers = _place(rng, [a[3] for a in attrs], size)
+        centers = place_objects(rng, [a[3] for a in attrs], size)
         if centers is None:
             continue
         objects = [
@@ -222,7 +225,7 @@ def sample_scene(
 
 def caption_for(objects: list[SceneObject], background: str | None = None) -> str:
     if len(objects) == 2:
-        caption = f"{objects[0].phrase()} {_relation(objects[0], objects[1])} {objects[1].phrase()}"
+        caption = f"{objects[0].phrase()} {relation_between(objects[0], objects[1])} {objects[1].phrase()}"
     else:
         caption = " and ".join(o.phrase() for o in objects)
     return caption if background is None else f"{caption} on {background}"
