@@ -122,3 +122,14 @@ def test_no_resamples_no_intervals():
     table = summarise([_row("cfg", "A", True, 0), _row("scfg-official", "A", True, 0)], resamples=0)
     assert not any(key.endswith("_ci") for row in table for key in row)
     assert np.isfinite(table[1]["full_vs_cfg"])
+
+
+def test_no_distance_interval_from_fewer_images_than_twice_the_features():
+    """12 images of 8 features: a resample's distinct images (about 63%, 7-8) do not span the features, the
+    resampled distances are biased upwards and their interval would exclude the estimate, so none is given."""
+    g = torch.Generator().manual_seed(0)
+    reference = torch.randn(12, 8, generator=g, dtype=torch.float64)
+    rows = [_row("cfg", f"p{k}", True, k) for k in range(12)]
+    table = summarise(rows, (reference, {("cfg", 5.0): reference + 1}), resamples=50)
+    assert table[0]["fd"] == pytest.approx(8.0, rel=1e-9)
+    assert "fd_ci" not in table[0]

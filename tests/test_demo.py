@@ -126,7 +126,7 @@ def test_benchmark_runs_end_to_end_on_a_tiny_model(tiny_demo_path, tmp_path):
     assert (tmp_path / "samples.png").exists() and "| method |" in (tmp_path / "table.md").read_text()
     # the paper's protocol: the domain's Fréchet distance, intervals over the 4 captions, the paired difference to CFG
     official = result["table"][1]
-    assert official["fd"] >= 0 and official["fd_ci"][0] <= official["fd_ci"][1]
+    assert official["fd"] >= 0 and "fd_ci" not in official  # no distance interval from fewer than 128 images
     assert official["full_ci"][0] <= official["full"] <= official["full_ci"][1] and "full_vs_cfg_ci" in official
     assert cfg["effective_scale"] == 5.0  # CFG's rate is 1 everywhere
     assert (tmp_path / "curves.png").exists()

@@ -352,7 +352,10 @@ def summarise(
                 reference, fake = fidelity
                 generated = fake[(method, scale)]
                 entry["fd"] = frechet_distance(generated, reference)
-                if resamples:
+                # a resample keeps about 63% of the images distinct; with fewer distinct images than features the
+                # covariances are singular and the distance is biased upwards, more in the resamples than in the
+                # full set, so the percentile interval would miss the estimate: no interval below 2 x features
+                if resamples and len(generated) >= 2 * generated.shape[1]:
                     picks = [np.concatenate([jobs_of[prompts[k]] for k in draw]) for draw in draws]
                     entry["fd_ci"] = _interval(np.array([frechet_distance(generated[j], reference[j]) for j in picks]))
             table.append({k: float(v) if isinstance(v, np.floating | float) else v for k, v in entry.items()})
