@@ -222,3 +222,103 @@ def test_metrics_and_report(tiny_sd_path, tmp_path):
         assert entry["matched_cfg_clip"] == cfg_rows[nearest]["clip"]
     for name in ("report.json", "report.csv", "plots.png", "grid.png"):
         assert (run / name).exists()
+
+
+def _write_rendered_run(run, prompts, seeds, layout_seeds, method, scale=5.0):
+    """A run folder as `scfg eval generate` leaves it, whose images are renderings of the captions (laid out from
+    `layout_seeds`) recorded under `seeds`: where the two agree the images are the reference itself."""
+    import numpy as np
+    from PIL import Image
+
+    from scfg.demo.fidelity import render_caption
+
+    rows = []
+    for index, (prompt, seed, layout) in enumerate(zip(prompts, seeds, layout_seeds, strict=True)):
+        path = f"images/{method}/g{scale:g}/{index:05d}_0.png"
+        (run / path).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(render_caption(prompt, np.random.default_rng(layout))).save(run / path)
+        rows.append(
+            {"prompt_index": index, "image_index": 0, "prompt": prompt, "seed": seed, "method": method}
+            | {"scale": scale, "path": path, "effective_scale": scale}
+        )
+    with (run / "manifest.jsonl").open("a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def test_demo_metrics_report_the_domains_fd_and_exact_scores(tmp_path):
+    """`scfg eval report --demo-metrics` on images that are renderings of their captions: the exact scorer finds
+    everything (it is exact on rendered ground truth), and the distance is 0 where each image is its own reference
+    (same caption, same layout seed) and the distance of the other layouts' features where it is not."""
+    import numpy as np
+
+    from scfg.demo.bench import held_out_prompts
+    from scfg.demo.data import BACKGROUNDS
+    from scfg.demo.fidelity import features, frechet_distance, load_feature_net, render_caption
+    from scfg.eval.metrics import demo_metrics, load_images
+    from scfg.eval.report import build_report
+
+    prompts = held_out_prompts(12, backgrounds=tuple(BACKGROUNDS))
+    seeds = list(range(100, 112))
+    run = tmp_path / "run"
+    run.mkdir()
+    _write_rendered_run(run, prompts, seeds, seeds, "cfg")
+    _write_rendered_run(run, prompts, seeds, [s + 1000 for s in seeds], "scfg-official")
+    table = {e["method"]: e for e in build_report(run, demo_fn=demo_metrics)}
+    for entry in table.values():
+        assert entry["full"] == entry["color"] == entry["shape"] == entry["background"] == entry["relation"] == 1.0
+    net = load_feature_net()
+    renderings = [render_caption(p, np.random.default_rng(s)) for p, s in zip(prompts, seeds, strict=True)]
+    reference = features(net, np.stack(renderings))
+    # identical feature sets: the means cancel exactly and tr(S + S - 2 (S S)^1/2) = 2 tr S - 2 sum sqrt(eig(S S));
+    # the eigenvalues of S S carry an absolute error of about D eps |S|^2 (D = 64 features), so each square root of
+    # a (near-)zero one is off by up to sqrt(D eps) |S|: the sum by at most 2 D sqrt(D eps) |S|
+    spectral = float(torch.linalg.matrix_norm(torch.cov(reference.T), ord=2))
+    d = reference.shape[1]
+    assert abs(table["cfg"]["fd"]) <= 2 * d * (d * torch.finfo(torch.float64).eps) ** 0.5 * spectral
+    other = sorted(run.glob("images/scfg-official/g5/*.png"))
+    expected = frechet_distance(features(net, load_images(other)), reference)
+    assert expected > 1.0 and table["scfg-official"]["fd"] == expected  # the same computation on the same images
+    assert table["scfg-official"]["matched_cfg_fd"] == table["cfg"]["fd"]
+    assert (run / "plots.png").exists()
+
+
+def test_demo_metrics_refuse_captions_outside_the_domain(tmp_path):
+    from scfg.eval.metrics import demo_metrics
+    from scfg.eval.report import build_report
+
+    run = tmp_path / "run"
+    run.mkdir()
+    _write_rendered_run(run, ["a small red circle"], [0], [0], "cfg")
+    rows = [json.loads(line) for line in (run / "manifest.jsonl").read_text().splitlines()]
+    rows[0]["prompt"] = "a red cat"
+    (run / "manifest.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    with pytest.raises(SCFGError, match=r"builtin:compositional.*'a red cat'"):
+        build_report(run, demo_fn=demo_metrics)
+
+
+def test_eval_generate_on_a_scenes_model_uses_its_captions_and_levels(tiny_demo_path, tmp_path, monkeypatch):
+    """A model folder exported by the `scenes` recipe: `builtin:compositional` names a background in every caption
+    and every method runs at the folder's `scfg_levels`, as `generate`/`compare` do."""
+    import shutil
+
+    import scfg.eval.runner as runner
+    from scfg.cli import main
+    from scfg.demo.data import BACKGROUNDS
+
+    model = tmp_path / "scenes-model"
+    shutil.copytree(tiny_demo_path, model)
+    (model / "training_state.json").write_text(json.dumps({"recipe": "scenes", "scfg_levels": [4]}))
+    seen = []
+    real_enable = runner.enable
+
+    def spy(pipe, config, **kwargs):
+        seen.append(config.levels)
+        return real_enable(pipe, config, **kwargs)
+
+    monkeypatch.setattr(runner, "enable", spy)
+    run = tmp_path / "run"
+    args = ["eval", "generate", "--model", str(model), "--prompts", "builtin:compositional", "--limit", "2"]
+    assert main([*args, "--scales", "3", "--steps", "2", "--out", str(run)]) == 0
+    rows = read_manifest(run / "manifest.jsonl")
+    assert len(rows) == 4 and all(r["prompt"].rsplit(" on ", 1)[-1] in BACKGROUNDS for r in rows)
+    assert seen and all(levels == (4,) for levels in seen)  # not the presets' AUTO

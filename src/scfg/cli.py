@@ -234,6 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--fid-weights", default=None, help="local Inception weights (torch-fidelity .pth) for FID")
     rep.add_argument("--fid-size", type=int, default=299)
     rep.add_argument("--clip-model", default=None, help="local CLIP folder (or hub id) for the CLIP score")
+    rep.add_argument(
+        "--demo-metrics",
+        action="store_true",
+        help="for builtin:compositional on a demo model: the domain's fd (its FID) and exact scores (its CLIP score)",
+    )
     for command_parser in (gen, cmp_, bench, ui, gen_ev, rep):
         command_parser.set_defaults(command_parser=command_parser)
     return parser
@@ -397,11 +402,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
         import torch
         from accelerate import PartialState
 
+        from .demo import demo_domain
         from .eval.prompts import load_prompts
         from .eval.runner import run_generation
 
         validate_args(args)
-        prompts = load_prompts(args.prompts, args.limit)
+        domain = demo_domain(args.model)  # a demo model: its captions' backgrounds and S-CFG's levels for it
+        prompts = load_prompts(args.prompts, args.limit, None if domain is None else domain.backgrounds)
         _check_writable([Path(args.run) / "manifest.jsonl"], overwrite=True)  # resumable: the run folder is reused
         state = PartialState(cpu=not torch.cuda.is_available())  # CPU-only: gloo processes (torchrun/accelerate)
         device = args.device or str(state.device)
@@ -420,6 +427,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             args.batch_size,
             args.seed,
             {"height": args.height, "width": args.width},
+            levels=None if domain is None else domain.levels,
         )
         if state.is_main_process:
             print(f"{len(rows)} images in {args.run}/manifest.jsonl")
@@ -440,7 +448,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         def clip_fn(paths, prompts):
             return clip_scores(paths, prompts, args.clip_model)
 
-    table = build_report(args.run, fid_fn, clip_fn)
+    demo_fn = None
+    if args.demo_metrics:
+        from .eval.metrics import demo_metrics as demo_fn
+    table = build_report(args.run, fid_fn, clip_fn, demo_fn=demo_fn)
     for entry in table:
         print(json.dumps(entry))
     print(f"written: {args.run}/report.json, report.csv, plots.png, grid.png")

@@ -6,6 +6,9 @@
   `sigma` computed with the same extractor (`reference_stats`).
 - CLIP score: the cosine similarity of CLIP image and caption embeddings (torchmetrics' `CLIPScore` / 100, as in
   the paper's tables), with a local `transformers` CLIP folder.
+- On the demo domain (`demo_metrics`), where both are known without outside weights: the domain's FID (`fd`, the
+  Fréchet distance in the features of the network shipped in `scfg.demo.fidelity`, to renderings of the same
+  captions) and its CLIP score (the exact scorer `scfg.demo.score`: full-prompt accuracy and its categories).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["clip_scores", "fid", "load_images", "reference_stats"]
+__all__ = ["clip_scores", "demo_metrics", "fid", "load_images", "reference_stats"]
 
 _SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -127,3 +130,37 @@ def clip_scores(paths: Sequence[str | Path], prompts: Sequence[str], model: str,
             cos = torch.nn.functional.cosine_similarity(image_emb, text_emb, dim=-1)
             scores.extend(cos.clamp_min(0).tolist())
     return scores
+
+
+def demo_metrics(paths: Sequence[str | Path], prompts: Sequence[str], seeds: Sequence[int]) -> dict[str, float]:
+    """The demo domain's fidelity and alignment of generated images of its captions (`builtin:compositional` on a
+    demo model): `fd`, the Fréchet distance of their features to those of one rendering per image of its caption,
+    laid out from the image's seed (`scfg.demo.fidelity`), and the exact scorer's means over the images: `full`
+    (everything right), `color`, `shape` (colour and shape right), `background` and `relation` (over the captions
+    that name one)."""
+    from ..config import SCFGError
+    from ..demo.fidelity import features, frechet_distance, load_feature_net, render_caption
+    from ..demo.score import parse_caption, score_image
+
+    for prompt in dict.fromkeys(prompts):
+        try:
+            parse_caption(prompt)
+        except ValueError:
+            raise SCFGError(
+                f"Expected the run's captions to be the demo domain's (`--prompts builtin:compositional` on a demo "
+                f"model) for `--demo-metrics`, but got {prompt!r}. Drop `--demo-metrics` for other captions."
+            ) from None
+    images = load_images(paths)
+    scores = [
+        score_image(image, prompt)[0]
+        for image, prompt in zip(images.permute(0, 2, 3, 1).numpy(), prompts, strict=True)
+    ]
+    net = load_feature_net()
+    reference = np.stack(
+        [render_caption(p, np.random.default_rng(seed)) for p, seed in zip(prompts, seeds, strict=True)]
+    )
+    result = {"fd": frechet_distance(features(net, images), features(net, reference))}
+    for field in ("full", "color", "shape", "background", "relation"):
+        values = [float(getattr(s, field)) for s in scores if getattr(s, field) is not None]
+        result[field] = float(np.mean(values)) if values else float("nan")
+    return result

@@ -13,17 +13,18 @@ __all__ = ["load_prompts"]
 _FIELDS = ("caption", "prompt", "text")
 
 
-def load_prompts(source: str, limit: int | None = None) -> list[str]:
+def load_prompts(source: str, limit: int | None = None, backgrounds: tuple[str, ...] | None = None) -> list[str]:
     """Load captions from `source`.
 
     `source` is a `.txt` file (one caption per line), a `.csv` file (a `caption`, `prompt` or `text` column, else
     the first column), a `.jsonl` file (one object per line with one of those fields, e.g. COCO captions you
-    exported), or `builtin:compositional` (the demo domain's held-out set). `limit` keeps the first `limit`.
+    exported), or `builtin:compositional` (the demo domain's held-out set; with `backgrounds`, the `scenes` domain's
+    captions, each naming one: `scfg.demo.demo_domain(model).backgrounds`). `limit` keeps the first `limit`.
     """
     if source.startswith("builtin:compositional"):
         from ..demo.bench import held_out_prompts
 
-        return held_out_prompts(limit or 60)
+        return held_out_prompts(limit or 60, backgrounds=backgrounds)
     path = Path(source)
     if not path.is_file():
         raise SCFGError(

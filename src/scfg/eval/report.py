@@ -37,6 +37,7 @@ def build_report(
     fid_fn: Callable[[list[Path]], float] | None = None,
     clip_fn: Callable[[list[Path], list[str]], list[float]] | None = None,
     grid_prompts: int = 4,
+    demo_fn: Callable[[list[Path], list[str], list[int]], dict[str, float]] | None = None,
 ) -> list[dict[str, Any]]:
     """Write `report.json`, `report.csv`, `plots.png` and `grid.png` into the run folder; return the table.
 
@@ -44,6 +45,8 @@ def build_report(
         run: the run folder (`manifest.jsonl` from `run_generation`).
         fid_fn: `paths -> FID` against the user's reference (see `scfg.eval.metrics.fid`), or None.
         clip_fn: `(paths, prompts) -> per-image CLIP scores`, or None.
+        demo_fn: `(paths, prompts, seeds) -> {metric: value}` for the group (`scfg.eval.metrics.demo_metrics`: the
+            demo domain's `fd` and exact scores), or None.
     """
     run = Path(run)
     rows = read_manifest(run / "manifest.jsonl")
@@ -65,13 +68,15 @@ def build_report(
             entry["clip"] = float(np.mean(clip_fn(paths, [r["prompt"] for r in group])))
         if fid_fn is not None:
             entry["fid"] = float(fid_fn(paths))
+        if demo_fn is not None:
+            entry.update(demo_fn(paths, [r["prompt"] for r in group], [int(r["seed"]) for r in group]))
         table.append(entry)
     cfg_rows = {e["scale"]: e for e in table if e["method"] == "cfg"}
     for entry in table:
         if entry["method"] != "cfg" and cfg_rows and entry["effective_scale"] is not None:
             nearest = min(cfg_rows, key=lambda s: abs(s - entry["effective_scale"]))
             entry["matched_cfg_scale"] = nearest
-            for metric in ("clip", "fid"):
+            for metric in ("clip", "fid", "fd", "full"):
                 if metric in cfg_rows[nearest]:
                     entry[f"matched_cfg_{metric}"] = cfg_rows[nearest][metric]
     (run / "report.json").write_text(json.dumps(table, indent=1))
@@ -91,21 +96,28 @@ def _plots(table: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metrics = [m for m in ("fid", "clip", "effective_scale", "spread_before", "spread_after") if m in table[0]]
-    panels = (1 if {"fid", "clip"} <= set(table[0]) else 0) + len(metrics)
+    names = ("fid", "clip", "fd", "full", "effective_scale", "spread_before", "spread_after")
+    metrics = [m for m in names if m in table[0]]
+    # fidelity against alignment, one curve per method: FID vs CLIP, and the demo domain's fd vs full accuracy
+    pairs = [
+        p
+        for p in (("clip", "fid", "CLIP score", "FID"), ("full", "fd", "full-prompt accuracy", "fd"))
+        if {p[0], p[1]} <= set(table[0])
+    ]
+    panels = len(pairs) + len(metrics)
     fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.6), dpi=80, squeeze=False)
     axes = list(axes[0])
     methods = list(dict.fromkeys(e["method"] for e in table))
-    if {"fid", "clip"} <= set(table[0]):
+    for x_key, y_key, x_label, y_label in pairs:
         ax = axes.pop(0)
         for method in methods:
-            pts = sorted((e["scale"], e["clip"], e["fid"]) for e in table if e["method"] == method)
+            pts = sorted((e["scale"], e[x_key], e[y_key]) for e in table if e["method"] == method)
             ax.plot([p[1] for p in pts], [p[2] for p in pts], marker="o", label=method)
-            for scale, clip, fid in pts:
-                ax.annotate(f"{scale:g}", (clip, fid), fontsize=7)
-        ax.set_xlabel("CLIP score")
-        ax.set_ylabel("FID")
-        ax.set_title("FID vs CLIP (labels: g)")
+            for scale, x, y in pts:
+                ax.annotate(f"{scale:g}", (x, y), fontsize=7)
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(y_label)
+        ax.set_title(f"{y_label} vs {x_label} (labels: g)")
         ax.legend(fontsize=7)
     for ax, metric in zip(axes, metrics, strict=True):
         for method in methods:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -95,11 +95,13 @@ def merge_manifests(run: Path) -> list[dict[str, Any]]:
     return merged
 
 
-def _generate_batch(pipe: Any, jobs: list[Job], steps: int, run: Path, extra: dict[str, Any]) -> list[dict]:
+def _generate_batch(
+    pipe: Any, jobs: list[Job], steps: int, run: Path, extra: dict[str, Any], config: SCFGConfig
+) -> list[dict]:
     method, scale = jobs[0].method, jobs[0].scale
     recorder = Recorder()
     started = time.time()
-    with guidance(pipe, scale) as arguments, enable(pipe, METHODS[method], on_step=recorder):
+    with guidance(pipe, scale) as arguments, enable(pipe, config, on_step=recorder):
         images = pipe(
             [j.prompt for j in jobs],
             **arguments,
@@ -142,9 +144,11 @@ def run_generation(
     base_seed: int = 0,
     pipeline_kwargs: dict[str, Any] | None = None,
     progress: bool = True,
+    levels: tuple[int, ...] | None = None,
 ) -> list[dict[str, Any]]:
     """Generate the missing images of the run on this process's share of the jobs; return the merged manifest
-    (rank 0) or this process's rows."""
+    (rank 0) or this process's rows. `levels`: S-CFG's `levels` for every method (None: each preset's own; a demo
+    model's are `scfg.demo.demo_domain(folder).levels`)."""
     from accelerate import PartialState
     from tqdm.auto import tqdm
 
@@ -152,6 +156,7 @@ def run_generation(
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
     jobs = plan_jobs(list(prompts), list(methods), list(scales), images_per_prompt, base_seed)
+    configs = {m: METHODS[m] if levels is None else replace(METHODS[m], levels=tuple(levels)) for m in methods}
     done = _done(run)
     todo = [j for j in jobs if j.relpath not in done]
     # Every process must split the same list: none may start writing before all have read what is done.
@@ -165,7 +170,8 @@ def run_generation(
             groups.setdefault((job.method, job.scale), []).append(job)
         for group in groups.values():
             for start in range(0, len(group), batch_size):
-                rows = _generate_batch(pipe, group[start : start + batch_size], steps, run, pipeline_kwargs or {})
+                chunk = group[start : start + batch_size]
+                rows = _generate_batch(pipe, chunk, steps, run, pipeline_kwargs or {}, configs[chunk[0].method])
                 with manifest.open("a") as f:  # one line per image, flushed: a killed run resumes here
                     f.writelines(json.dumps(r) + "\n" for r in rows)
                 written.extend(rows)
