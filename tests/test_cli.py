@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from scfg import cli
+from scfg import SCFGError, cli
 from scfg.cli import build_parser, config_from_args, main
 
 
@@ -460,3 +460,21 @@ def test_bench_never_overwrites_results_without_overwrite(tmp_path, capsys, stub
     (tmp_path / "results.json").write_text("earlier run")
     one_error_line(capsys, ["bench-compositional", "--out", str(tmp_path)], 2, "--overwrite", "results.json")
     assert (tmp_path / "results.json").read_text() == "earlier run" and stub_pipe.loads == []
+
+
+def test_demo_model_names_resolve_to_the_shipped_folders(tmp_path, capsys):
+    from scfg.demo import DEMO_MODELS, resolve_model, shipped_model_name, shipped_model_path
+
+    assert resolve_model(None) == shipped_model_path() == resolve_model("demo:shapes")
+    assert resolve_model("org/some-model") == "org/some-model" and resolve_model(str(tmp_path)) == str(tmp_path)
+    for name, folder in DEMO_MODELS.items():
+        expected = str(folder) if (folder / "model_index.json").is_file() else None
+        assert resolve_model(f"demo:{name}") == shipped_model_path(name) == expected
+    if shipped_model_path() is not None:
+        assert shipped_model_name(shipped_model_path()) == "scfg-demo"
+    assert shipped_model_name(str(tmp_path)) is None and shipped_model_name("org/some-model") is None
+    with pytest.raises(SCFGError, match="demo:shapes, demo:scenes"):
+        resolve_model("demo:faces")
+    # the CLI: one error line naming the choices, exit 2, nothing written
+    one_error_line(capsys, ["generate", "x", "--model", "demo:faces", "--out", str(tmp_path / "o")], 2, "demo:scenes")
+    assert not (tmp_path / "o").exists()

@@ -137,7 +137,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", help="the prompt")
     parser.add_argument("--negative-prompt", default=None)
     parser.add_argument(
-        "--model", default=None, help="hub id or local diffusers folder (default: the shipped demo model)"
+        "--model",
+        default=None,
+        help="hub id, local diffusers folder, or a shipped demo model: demo:shapes (the default), demo:scenes",
     )
     parser.add_argument("--scale", type=float, default=7.5, help="guidance scale g (default 7.5)")
     parser.add_argument("--steps", type=int, default=30, help="num_inference_steps (default 30)")
@@ -181,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also write per-step region maps and rate heatmaps (-steps.png, -steps.gif) and rate curves (-rates.png)",
     )
     bench = sub.add_parser("bench-compositional", help="CFG vs S-CFG on the demo domain, scored exactly")
-    bench.add_argument("--model", default=None, help="default: the shipped demo model")
+    bench.add_argument("--model", default=None, help="default: demo:shapes, the shipped demo model (or demo:scenes)")
     bench.add_argument("--prompts", type=int, default=60, help="held-out prompts (1-3 objects)")
     bench.add_argument("--seeds", type=int, default=2, help="seeds per prompt")
     bench.add_argument("--scales", type=float, nargs="+", default=[3.0, 5.0, 7.5])
@@ -202,13 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default="bench", help="folder for results.json, table.md, samples.png, curves.png")
     bench.add_argument("--overwrite", action="store_true", help="replace results of an earlier run in --out")
     ui = sub.add_parser("ui", help="web UI (Gradio): CFG and S-CFG side by side with regions")
-    ui.add_argument("--model", default=None, help="default: the shipped demo model")
+    ui.add_argument("--model", default=None, help="default: demo:shapes, the shipped demo model (or demo:scenes)")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=7860)
     ev = sub.add_parser("eval", help="generate over prompts x methods x scales, then FID/CLIP reports")
     ev_sub = ev.add_subparsers(dest="eval_command", required=True)
     gen_ev = ev_sub.add_parser("generate", help="generate the run's images (resumable; works under accelerate)")
-    gen_ev.add_argument("--model", default=None, help="default: the shipped demo model")
+    gen_ev.add_argument("--model", default=None, help="default: demo:shapes, the shipped demo model (or demo:scenes)")
     gen_ev.add_argument("--prompts", required=True, help=".txt/.csv/.jsonl captions, or builtin:compositional")
     gen_ev.add_argument("--limit", type=int, default=None, help="use the first N prompts")
     gen_ev.add_argument(
@@ -705,9 +707,11 @@ def _metadata(
     sampler = _SAMPLERS.get(sampler, sampler)
     if sampler is not None and getattr(scheduler, "config", {}).get("use_karras_sigmas"):
         sampler += " Karras"
+    from .demo import shipped_model_name
+
     model = args.model
-    if model is not None and model == default_model():
-        model_name = "scfg-demo"
+    if (shipped := shipped_model_name(model)) is not None:
+        model_name = shipped
     elif model is not None and os.path.isdir(os.path.expanduser(model)):
         model_name = Path(model).expanduser().resolve().name  # a local folder's name, not the user's path
     else:
@@ -921,17 +925,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> None:
+    from .demo import resolve_model
+
     if args.command == "ui":
         from .ui import main as ui_main
 
-        ui_main([*(["--model", args.model] if args.model else []), "--host", args.host, "--port", str(args.port)])
+        model = resolve_model(args.model) if args.model else None
+        ui_main([*(["--model", model] if model else []), "--host", args.host, "--port", str(args.port)])
         return
-    if getattr(args, "model", "") is None:
-        args.model = default_model()
+    if hasattr(args, "model"):
+        given = args.model
+        args.model = default_model() if given is None else resolve_model(given)  # `demo:scenes`: a shipped folder
         if args.model is None:
             raise SCFGError(
-                "Expected `--model`, but got none and no demo model is installed. Pass a hub id or a local "
-                "diffusers folder."
+                f"Expected `--model`, but got {'none' if given is None else repr(given)} and that demo model is not "
+                "installed. Pass a hub id or a local diffusers folder."
             )
     if args.command == "generate":
         cmd_generate(args)

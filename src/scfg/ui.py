@@ -254,7 +254,7 @@ def build_app(default_model: str | None = None):
     from .cli import default_model as shipped
 
     models = _Models()
-    from .demo import demo_domain
+    from .demo import demo_domain, resolve_model
 
     demo = shipped()
     downloads_root = tempfile.TemporaryDirectory(prefix="scfg-ui-")  # kept alive by `run`; removed at exit
@@ -262,7 +262,7 @@ def build_app(default_model: str | None = None):
     def run(model, prompt, negative_prompt, preset, scale, steps, seed, height, width, progress=gr.Progress()):  # noqa: B008 (Gradio injects progress this way)
         try:
             validate(prompt, int(height), int(width), int(steps), float(scale))
-            model = model.strip() or demo  # empty: the shipped demo model
+            model = resolve_model(model.strip()) if model.strip() else demo  # empty: the default demo model
             if not model:
                 raise SCFGError("Expected a model: a local diffusers folder or a hub id (no demo model is installed).")
             pipe, lock = models.get(model)
@@ -319,7 +319,7 @@ def build_app(default_model: str | None = None):
                 model = gr.Textbox(
                     label="Model (local folder or hub id)",
                     value=default_model or "",
-                    placeholder="the shipped demo model" if demo else "",
+                    placeholder="the shipped demo model (or demo:scenes)" if demo else "",
                     elem_id="model",
                 )
                 with gr.Row():

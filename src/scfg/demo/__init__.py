@@ -1,4 +1,8 @@
-"""The demo model: a small text-to-image model trained here on procedural compositional scenes."""
+"""The demo models: small text-to-image models trained here on procedural compositional scenes.
+
+Two ship with the package: `shapes` (the default: flat shapes on white) and `scenes` (shapes on named textured
+backgrounds, cross-attention on a 16x16 grid). Every command's `--model demo:shapes` / `--model demo:scenes` names
+them (`resolve_model`); `--model` left out is `shapes`."""
 
 from __future__ import annotations
 
@@ -6,14 +10,47 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DemoDomain", "demo_domain", "shipped_model_path"]
+__all__ = ["DEMO_MODELS", "DemoDomain", "demo_domain", "resolve_model", "shipped_model_name", "shipped_model_path"]
 
 MODEL_DIR = Path(__file__).parent / "model"
+# the shipped demo models by name, the first the default
+DEMO_MODELS: dict[str, Path] = {"shapes": MODEL_DIR, "scenes": Path(__file__).parent / "model-scenes"}
 
 
-def shipped_model_path() -> str | None:
-    """The folder of the demo model installed with the package (a StableDiffusionPipeline), or None."""
-    return str(MODEL_DIR) if (MODEL_DIR / "model_index.json").is_file() else None
+def shipped_model_path(name: str = "shapes") -> str | None:
+    """The folder of the demo model `name` (`DEMO_MODELS`) installed with the package (a StableDiffusionPipeline), or
+    None where it is not installed."""
+    if name not in DEMO_MODELS:
+        raise ValueError(f"Expected a demo model among {sorted(DEMO_MODELS)}, but got {name!r}.")
+    folder = DEMO_MODELS[name]
+    return str(folder) if (folder / "model_index.json").is_file() else None
+
+
+def resolve_model(model: str | None) -> str | None:
+    """A command's `--model`: None is the default demo model, `demo:<name>` a shipped one (its folder), anything else
+    (a folder, a hub id) is returned as given. None where the demo model asked for is not installed."""
+    from ..config import SCFGError
+
+    if model is None:
+        return shipped_model_path()
+    if not model.startswith("demo:"):
+        return model
+    name = model.removeprefix("demo:")
+    if name not in DEMO_MODELS:
+        choices = ", ".join(f"demo:{n}" for n in DEMO_MODELS)
+        raise SCFGError(f"Expected a shipped demo model ({choices}), but got {model!r}.")
+    return shipped_model_path(name)
+
+
+def shipped_model_name(model: str | None) -> str | None:
+    """`scfg-demo` (the default) or `scfg-demo-<name>` where `model` is a shipped demo model's folder, else None."""
+    if model is None or not Path(model).expanduser().is_dir():
+        return None
+    resolved = Path(model).expanduser().resolve()
+    for index, (name, folder) in enumerate(DEMO_MODELS.items()):
+        if resolved == folder.resolve():
+            return "scfg-demo" if index == 0 else f"scfg-demo-{name}"
+    return None
 
 
 @dataclass(frozen=True)
