@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import PRESETS, SCFGConfig, SCFGError
-from .demo.bench import METHODS as BENCH_METHODS
+from .eval.methods import METHODS
 
 __all__ = ["main"]
 
@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         nargs="+",
         default=["cfg", "scfg-official", "scfg-paper"],
-        choices=list(BENCH_METHODS),
+        choices=list(METHODS),
         help="scfg-mean, -no-completion, -power-mean, -words and -no-clamp are ablations of scfg-official",
     )
     bench.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples of the captions (0: none)")
@@ -217,7 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods",
         nargs="+",
         default=["cfg", "scfg-official"],
-        choices=["cfg", "scfg-official", "scfg-paper", "scfg-mean"],
+        choices=list(METHODS),
+        help="scfg-mean, -no-completion, -power-mean, -words and -no-clamp are ablations of scfg-official",
     )
     gen_ev.add_argument("--scales", type=float, nargs="+", default=[3.0, 5.0, 7.5])
     gen_ev.add_argument("--images-per-prompt", type=int, default=1)

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 
 from ..config import SCFGConfig
 from ..diagnostics import Recorder
+from ..eval.methods import METHODS
 from ..integration import enable
 from . import DemoDomain
 from .data import sample_scene
@@ -52,20 +53,6 @@ from .fidelity import features, frechet_distance, load_feature_net, render_capti
 from .score import object_pixels, parse_caption, score_image, split_background
 
 __all__ = ["METHODS", "held_out_prompts", "run_benchmark"]
-
-METHODS: dict[str, SCFGConfig] = {
-    "cfg": SCFGConfig(rate_clamp=(1.0, 1.0), max_effective_scale=None, rate_map_smoothing=None),
-    "scfg-official": SCFGConfig.preset("official"),
-    "scfg-paper": SCFGConfig.preset("paper"),
-    # ablations of `official`, one knob each (docs/algorithm.md): the whole image as the benchmark region (the
-    # paper's S-CFG-mean), the completion (none: the cross-attention alone; the paper's power mean), the tokens that
-    # may own regions (only the caption's words), and the clamps (neither [0.8, 3] nor the g·rate <= 15 cap)
-    "scfg-mean": SCFGConfig.preset("official", benchmark="mean"),
-    "scfg-no-completion": SCFGConfig.preset("official", completion="none"),
-    "scfg-power-mean": SCFGConfig.preset("official", completion="power_mean"),
-    "scfg-words": SCFGConfig.preset("official", region_tokens="words"),
-    "scfg-no-clamp": SCFGConfig.preset("official", rate_clamp=None, max_effective_scale=None),
-}
 
 
 def held_out_prompts(count: int, seed: int = 20241129, backgrounds: tuple[str, ...] | None = None) -> list[str]:

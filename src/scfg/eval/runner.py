@@ -25,16 +25,9 @@ import torch
 from ..config import SCFGConfig, SCFGError
 from ..diagnostics import Recorder
 from ..integration import enable, guidance
+from .methods import METHODS
 
 __all__ = ["METHODS", "Job", "merge_manifests", "plan_jobs", "read_manifest", "run_generation"]
-
-# "cfg" is measured through S-CFG's maps at rate 1 (identical to CFG) so that its score-norm spread is recorded.
-METHODS: dict[str, SCFGConfig] = {
-    "cfg": SCFGConfig(rate_clamp=(1.0, 1.0), max_effective_scale=None, rate_map_smoothing=None),
-    "scfg-official": SCFGConfig.preset("official"),
-    "scfg-paper": SCFGConfig.preset("paper"),
-    "scfg-mean": SCFGConfig.preset("official", benchmark="mean"),
-}
 
 
 @dataclass(frozen=True)
