@@ -217,7 +217,7 @@ def test_learning_rate_schedule():
 
 
 def test_card_verdict_names_the_parts_of_the_bar():
-    from scfg.demo.card import verdict
+    from scfg.demo.card import BARS, verdict
 
     assert "meets the quality bar" in verdict(0.8, 0.5)
     text = verdict(0.69, 0.54)
@@ -225,3 +225,9 @@ def test_card_verdict_names_the_parts_of_the_bar():
     assert "single-object part is not met yet" in verdict(0.5, 0.2) and "two-object part is not met yet" in verdict(
         0.5, 0.2
     )
+    # the scenes bar: 85% / 65% and the region IoU
+    scenes = BARS["scenes"]
+    assert "meets the quality bar" in verdict(0.85, 0.65, scenes, iou=0.5)
+    text = verdict(0.9, 0.7, scenes, iou=0.45)
+    assert "region IoU part is not met yet" in text and "single-object part is met" in text
+    assert "two-object part is not met yet" in verdict(0.9, 0.6, scenes, iou=0.6)

@@ -234,6 +234,15 @@ def test_scenes_recipe_trains_resumes_and_exports(tmp_path):
     assert all(row["background"] is not None and row["background_iou"] is not None for row in result["rows"])
     out = tmp_path / "cmp.png"
     assert main(["compare", "a red circle on grass", "--model", str(folder), "--steps", "2", "--out", str(out)]) == 0
+    # the card follows the recipe: captions on backgrounds, S-CFG at the folder's levels, the scenes bar
+    from scfg.demo import card
+
+    card.main([str(folder), "--count", "2", "--steps", "2"])
+    text = (folder / "README.md").read_text()
+    assert "`scenes`" in text and "sky, grass, water, sand, brick" in text and "`levels=(1, 2)`" in text
+    assert "16x16x4" in text and "masks on a 16x16 grid" in text and "Every caption word is one token." in text
+    assert "85% single-object, 65% two-object" in text and "measured by the benchmark" in text
+    assert all(split_background(p)[1] in BACKGROUNDS for p in card.grid_prompts(domain.backgrounds))
 
 
 def test_background_word_position_is_found_after_the_objects(tmp_path):
