@@ -8,7 +8,7 @@ import torch
 from scfg.demo.bench import _Row, format_table, plot_curves, summarise
 
 
-def _row(method, prompt, full, job, scale=5.0, relation=None, background=None):
+def _row(method, prompt, full, job, scale=5.0, relation=None, background=None, effective=None):
     return _Row(
         method=method,
         scale=scale,
@@ -25,7 +25,7 @@ def _row(method, prompt, full, job, scale=5.0, relation=None, background=None):
         spread_after=0.5,
         iou=None,
         background=background,
-        effective_scale=scale,
+        effective_scale=scale if effective is None else effective,
         job=job,
     )
 
@@ -133,3 +133,24 @@ def test_no_distance_interval_from_fewer_images_than_twice_the_features():
     table = summarise(rows, (reference, {("cfg", 5.0): reference + 1}), resamples=50)
     assert table[0]["fd"] == pytest.approx(8.0, rel=1e-9)
     assert "fd_ci" not in table[0]
+
+
+def test_difference_at_matched_strength_interpolates_cfg_in_the_effective_scale():
+    """CFG at g=3 right on captions 0-1 of 10 and at g=7 on 0-5; S-CFG at g=5 applied g·rate = 4 on average and is
+    right on 0-4. CFG at 4, linear in g: 0.75 * 0.2 + 0.25 * 0.6 = 0.3, so the difference is 0.5 - 0.3 = 0.2 (by
+    hand). A method identical to CFG at 3 with effective scale 3 differs by 0 in every paired resample: [0, 0]. An
+    effective scale outside CFG's scales gets no matched difference (no extrapolation)."""
+    prompts = [f"p{k}" for k in range(10)]
+    rows = [_row("cfg", p, k < 2, k, scale=3.0) for k, p in enumerate(prompts)]
+    rows += [_row("cfg", p, k < 6, k, scale=7.0) for k, p in enumerate(prompts)]
+    rows += [_row("scfg-official", p, k < 5, k, scale=5.0, effective=4.0) for k, p in enumerate(prompts)]
+    rows += [_row("scfg-paper", p, k < 2, k, scale=5.0, effective=3.0) for k, p in enumerate(prompts)]
+    rows += [_row("scfg-mean", p, k < 2, k, scale=5.0, effective=9.0) for k, p in enumerate(prompts)]
+    table = {row["method"]: row for row in summarise(rows, resamples=400) if row["scale"] == 5.0}
+    assert table["scfg-official"]["full_vs_cfg_matched"] == pytest.approx(0.2, abs=1e-12)
+    low, high = table["scfg-official"]["full_vs_cfg_matched_ci"]
+    # each caption adds 0 (k < 2, k >= 6), 0.75 (k = 2-4) or -0.25 (k = 5) to the per-draw mean of 10 captions
+    assert -0.25 <= low <= 0.2 <= high <= 0.75
+    assert table["scfg-paper"]["full_vs_cfg_matched"] == 0.0
+    assert table["scfg-paper"]["full_vs_cfg_matched_ci"] == [0.0, 0.0]
+    assert "full_vs_cfg_matched" not in table["scfg-mean"]

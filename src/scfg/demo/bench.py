@@ -24,7 +24,8 @@ The paper's protocol, on a domain where everything is known:
   (`relation`);
 - 95% bootstrap intervals over captions (`*_ci`), resampled the same way for every method, and `full_vs_cfg`, the
   paired difference to CFG at the same scale;
-- `effective_scale`: the mean `g · rate` S-CFG applied, to compare methods at matched effective scale;
+- `effective_scale`: the mean `g · rate` S-CFG applied, and `full_vs_cfg_matched`: the paired difference to CFG's
+  accuracy at that scale (interpolated between the CFG scales around it), methods compared at matched strength;
 - `curves.png`: accuracy against `fd` and against the effective scale, one point per scale;
 - the ablations of `official` in `METHODS`: the whole-image benchmark (`scfg-mean`), the completion
   (`scfg-no-completion`, `scfg-power-mean`), word tokens only (`scfg-words`), no clamps (`scfg-no-clamp`).
@@ -347,13 +348,27 @@ def summarise(
                     entry["fd_ci"] = _interval(np.array([frechet_distance(generated[j], reference[j]) for j in picks]))
             table.append({k: float(v) if isinstance(v, np.floating | float) else v for k, v in entry.items()})
     cfg_full = {row["scale"]: row["full"] for row in table if row["method"] == "cfg"}
+    cfg_scales = sorted(cfg_full)
     for row in table:
-        if row["method"] != "cfg" and row["scale"] in cfg_full:
+        if row["method"] == "cfg":
+            continue
+        if row["scale"] in cfg_full:
             row["full_vs_cfg"] = row["full"] - cfg_full[row["scale"]]
             if resamples:
                 row["full_vs_cfg_ci"] = _interval(
                     boot_full[(row["method"], row["scale"])] - boot_full[("cfg", row["scale"])]
                 )
+        # at matched strength: the difference to CFG's accuracy at the scale S-CFG applied on average, linear in g
+        # between the two CFG scales around it (only inside CFG's range), the same draws on both sides
+        effective = row["effective_scale"]
+        if len(cfg_scales) >= 2 and cfg_scales[0] <= effective <= cfg_scales[-1]:
+            upper = min(int(np.searchsorted(cfg_scales, effective)), len(cfg_scales) - 1)
+            low, high = cfg_scales[max(upper - 1, 0)], cfg_scales[max(upper, 1)]
+            weight = (effective - low) / (high - low)
+            row["full_vs_cfg_matched"] = row["full"] - ((1 - weight) * cfg_full[low] + weight * cfg_full[high])
+            if resamples:
+                at = (1 - weight) * boot_full[("cfg", low)] + weight * boot_full[("cfg", high)]
+                row["full_vs_cfg_matched_ci"] = _interval(boot_full[(row["method"], row["scale"])] - at)
     return table
 
 
@@ -365,6 +380,7 @@ _COLUMNS = (
     "fd",
     "full",
     "full_vs_cfg",
+    "full_vs_cfg_matched",
     "color",
     "shape",
     "size",
