@@ -463,13 +463,10 @@ def test_bench_never_overwrites_results_without_overwrite(tmp_path, capsys, stub
 
 
 def test_demo_model_names_resolve_to_the_shipped_folders(tmp_path, capsys):
-    from scfg.demo import DEMO_MODELS, resolve_model, shipped_model_name, shipped_model_path
+    from scfg.demo import resolve_model, shipped_model_name, shipped_model_path
 
     assert resolve_model(None) == shipped_model_path() == resolve_model("demo:shapes")
     assert resolve_model("org/some-model") == "org/some-model" and resolve_model(str(tmp_path)) == str(tmp_path)
-    for name, folder in DEMO_MODELS.items():
-        expected = str(folder) if (folder / "model_index.json").is_file() else None
-        assert resolve_model(f"demo:{name}") == shipped_model_path(name) == expected
     if shipped_model_path() is not None:
         assert shipped_model_name(shipped_model_path()) == "scfg-demo"
     assert shipped_model_name(str(tmp_path)) is None and shipped_model_name("org/some-model") is None
@@ -477,4 +474,19 @@ def test_demo_model_names_resolve_to_the_shipped_folders(tmp_path, capsys):
         resolve_model("demo:faces")
     # the CLI: one error line naming the choices, exit 2, nothing written
     one_error_line(capsys, ["generate", "x", "--model", "demo:faces", "--out", str(tmp_path / "o")], 2, "demo:scenes")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("command", [["generate", "x"], ["ui"], ["bench-compositional"]])
+def test_an_uninstalled_demo_model_is_one_error_line_naming_its_folder(command, tmp_path, capsys, monkeypatch):
+    """`demo:scenes` where that folder holds no model: every command (the UI too, which would otherwise fall back
+    to the default model) stops with one line naming the folder, before anything loads or is written."""
+    from scfg import demo
+
+    missing = tmp_path / "model-scenes"
+    monkeypatch.setitem(demo.DEMO_MODELS, "scenes", missing)
+    with pytest.raises(SCFGError, match="not installed"):
+        demo.resolve_model("demo:scenes")
+    out = ["--out", str(tmp_path / "o")] if command[0] != "ui" else []
+    one_error_line(capsys, [*command, "--model", "demo:scenes", *out], 2, str(missing))
     assert not (tmp_path / "o").exists()

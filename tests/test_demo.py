@@ -231,3 +231,6 @@ def test_card_verdict_names_the_parts_of_the_bar():
     text = verdict(0.9, 0.7, scenes, iou=0.45)
     assert "region IoU part is not met yet" in text and "single-object part is met" in text
     assert "two-object part is not met yet" in verdict(0.9, 0.6, scenes, iou=0.6)
+    # asked for but not measured: never "meets", and says so
+    text = verdict(0.9, 0.7, scenes, needs_iou=True)
+    assert "meets" not in text and "region IoU part is not measured" in text

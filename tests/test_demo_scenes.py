@@ -241,7 +241,7 @@ def test_scenes_recipe_trains_resumes_and_exports(tmp_path):
     text = (folder / "README.md").read_text()
     assert "`scenes`" in text and "sky, grass, water, sand, brick" in text and "`levels=(1, 2)`" in text
     assert "16x16x4" in text and "masks on a 16x16 grid" in text and "Every caption word is one token." in text
-    assert "85% single-object, 65% two-object" in text and "measured by the benchmark" in text
+    assert "85% single-object, 65% two-object" in text and "region IoU part is not measured" in text
     assert all(split_background(p)[1] in BACKGROUNDS for p in card.grid_prompts(domain.backgrounds))
 
 

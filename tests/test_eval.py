@@ -263,7 +263,8 @@ def test_demo_metrics_report_the_domains_fd_and_exact_scores(tmp_path):
     run.mkdir()
     _write_rendered_run(run, prompts, seeds, seeds, "cfg")
     _write_rendered_run(run, prompts, seeds, [s + 1000 for s in seeds], "scfg-official")
-    table = {e["method"]: e for e in build_report(run, demo_fn=demo_metrics)}
+    with pytest.warns(UserWarning, match="12 images of 64 features.*biased upwards"):  # 12 < 2 x 64
+        table = {e["method"]: e for e in build_report(run, demo_fn=demo_metrics)}
     for entry in table.values():
         assert entry["full"] == entry["color"] == entry["shape"] == entry["background"] == entry["relation"] == 1.0
     net = load_feature_net()
@@ -280,6 +281,16 @@ def test_demo_metrics_report_the_domains_fd_and_exact_scores(tmp_path):
     assert expected > 1.0 and table["scfg-official"]["fd"] == expected  # the same computation on the same images
     assert table["scfg-official"]["matched_cfg_fd"] == table["cfg"]["fd"]
     assert (run / "plots.png").exists()
+
+
+def test_demo_metrics_refuse_images_of_another_size(tmp_path):
+    from PIL import Image
+
+    from scfg.eval.metrics import demo_metrics
+
+    Image.new("RGB", (128, 128), "white").save(tmp_path / "big.png")
+    with pytest.raises(SCFGError, match=r"64x64.*128x128"):
+        demo_metrics([tmp_path / "big.png"], ["a small red circle"], [0])
 
 
 def test_demo_metrics_refuse_captions_outside_the_domain(tmp_path):

@@ -931,7 +931,7 @@ def _run(args: argparse.Namespace) -> None:
     if args.command == "ui":
         from .ui import main as ui_main
 
-        model = resolve_model(args.model) if args.model else None
+        model = resolve_model(args.model) if args.model else None  # an uninstalled demo:<name> is an error here
         ui_main([*(["--model", model] if model else []), "--host", args.host, "--port", str(args.port)])
         return
     if hasattr(args, "model"):
@@ -939,8 +939,8 @@ def _run(args: argparse.Namespace) -> None:
         args.model = default_model() if given is None else resolve_model(given)  # `demo:scenes`: a shipped folder
         if args.model is None:
             raise SCFGError(
-                f"Expected `--model`, but got {'none' if given is None else repr(given)} and that demo model is not "
-                "installed. Pass a hub id or a local diffusers folder."
+                "Expected `--model`, but got none and no demo model is installed. Pass a hub id or a local "
+                "diffusers folder."
             )
     if args.command == "generate":
         cmd_generate(args)

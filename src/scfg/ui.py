@@ -264,7 +264,9 @@ def build_app(default_model: str | None = None):
             validate(prompt, int(height), int(width), int(steps), float(scale))
             model = resolve_model(model.strip()) if model.strip() else demo  # empty: the default demo model
             if not model:
-                raise SCFGError("Expected a model: a local diffusers folder or a hub id (no demo model is installed).")
+                raise SCFGError(
+                    "Expected a model: a local diffusers folder or a hub id (the default demo model is not installed)."
+                )
             pipe, lock = models.get(model)
 
             def generation_progress(fraction: float, desc: str) -> None:

@@ -27,8 +27,9 @@ def shipped_model_path(name: str = "shapes") -> str | None:
 
 
 def resolve_model(model: str | None) -> str | None:
-    """A command's `--model`: None is the default demo model, `demo:<name>` a shipped one (its folder), anything else
-    (a folder, a hub id) is returned as given. None where the demo model asked for is not installed."""
+    """A command's `--model`: None is the default demo model (None where it is not installed), `demo:<name>` a
+    shipped one's folder (an `SCFGError` naming the folder where that one is not installed), anything else (a folder,
+    a hub id) is returned as given."""
     from ..config import SCFGError
 
     if model is None:
@@ -39,7 +40,13 @@ def resolve_model(model: str | None) -> str | None:
     if name not in DEMO_MODELS:
         choices = ", ".join(f"demo:{n}" for n in DEMO_MODELS)
         raise SCFGError(f"Expected a shipped demo model ({choices}), but got {model!r}.")
-    return shipped_model_path(name)
+    folder = shipped_model_path(name)
+    if folder is None:
+        raise SCFGError(
+            f"Expected the `{name}` demo model in {DEMO_MODELS[name]}, but it is not installed there. Export one "
+            f"(`python -m scfg.demo.train --recipe {name} --export ...`) or pass another `--model`."
+        )
+    return folder
 
 
 def shipped_model_name(model: str | None) -> str | None:

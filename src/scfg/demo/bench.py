@@ -359,7 +359,8 @@ def summarise(
                     boot_full[(row["method"], row["scale"])] - boot_full[("cfg", row["scale"])]
                 )
         # at matched strength: the difference to CFG's accuracy at the scale S-CFG applied on average, linear in g
-        # between the two CFG scales around it (only inside CFG's range), the same draws on both sides
+        # between the two CFG scales around it (only inside the range of two or more CFG scales), the same draws on
+        # both sides; the interval takes the effective scale as measured (it is not redrawn per resample)
         effective = row["effective_scale"]
         if len(cfg_scales) >= 2 and cfg_scales[0] <= effective <= cfg_scales[-1]:
             upper = min(int(np.searchsorted(cfg_scales, effective)), len(cfg_scales) - 1)
@@ -409,7 +410,7 @@ def format_table(table: list[dict[str, Any]]) -> str:
             return str(value)
         if c == "scale":
             return f"{value:g}"
-        text = f"{value:+.3f}" if c == "full_vs_cfg" else f"{value:.3f}"
+        text = f"{value:+.3f}" if c.startswith("full_vs_cfg") else f"{value:.3f}"
         interval = row.get(f"{c}_ci")
         return f"{text} [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else text
 

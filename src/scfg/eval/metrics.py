@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -151,6 +152,11 @@ def demo_metrics(paths: Sequence[str | Path], prompts: Sequence[str], seeds: Seq
                 f"model) for `--demo-metrics`, but got {prompt!r}. Drop `--demo-metrics` for other captions."
             ) from None
     images = load_images(paths)
+    if images.shape[-2:] != (64, 64):
+        raise SCFGError(
+            f"Expected the demo domain's 64x64 images for `--demo-metrics` (its scorer's sizes are in pixels of that "
+            f"canvas), but the run's are {images.shape[-1]}x{images.shape[-2]}. Generate without --height/--width."
+        )
     scores = [
         score_image(image, prompt)[0]
         for image, prompt in zip(images.permute(0, 2, 3, 1).numpy(), prompts, strict=True)
@@ -159,7 +165,15 @@ def demo_metrics(paths: Sequence[str | Path], prompts: Sequence[str], seeds: Seq
     reference = np.stack(
         [render_caption(p, np.random.default_rng(seed)) for p, seed in zip(prompts, seeds, strict=True)]
     )
-    result = {"fd": frechet_distance(features(net, images), features(net, reference))}
+    generated = features(net, images)
+    if len(generated) < 2 * generated.shape[1]:
+        warnings.warn(
+            f"fd from {len(generated)} images of {generated.shape[1]} features: the covariances are (nearly) singular "
+            f"and the distance is biased upwards; use {2 * generated.shape[1]} or more images per method and scale "
+            "(--limit, --images-per-prompt) to compare distances.",
+            stacklevel=2,
+        )
+    result = {"fd": frechet_distance(generated, features(net, reference))}
     for field in ("full", "color", "shape", "background", "relation"):
         values = [float(getattr(s, field)) for s in scores if getattr(s, field) is not None]
         result[field] = float(np.mean(values)) if values else float("nan")
