@@ -37,7 +37,9 @@ def generate(pipe, prompts, args, config=None):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="pipeline folder (default: the shipped demo model)")
+    parser.add_argument(
+        "--model", default=None, help="pipeline folder or demo:scenes (default: the shipped demo model)"
+    )
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--intervals", type=int, nargs="+", default=[1, 2, 3, 5, 10])
     parser.add_argument("--scale", type=float, default=5.0)
@@ -49,18 +51,21 @@ def main():
     from diffusers import StableDiffusionPipeline
 
     from scfg import SCFGConfig
-    from scfg.demo import shipped_model_path
+    from scfg.demo import demo_domain, resolve_model
     from scfg.demo.bench import held_out_prompts
     from scfg.demo.score import score_image
 
-    pipe = StableDiffusionPipeline.from_pretrained(args.model or shipped_model_path())
+    folder = resolve_model(args.model)
+    domain = demo_domain(folder)  # a demo model's captions and S-CFG levels (None: any other model)
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
-    prompts = held_out_prompts(args.prompts)
+    prompts = held_out_prompts(args.prompts, backgrounds=None if domain is None else domain.backgrounds)
+    levels = {} if domain is None else {"levels": domain.levels}
     generate(pipe, prompts[:2], args)  # warm-up
     _, cfg_seconds = generate(pipe, prompts, args)
     rows, reference = [], None
     for k in args.intervals:
-        images, seconds = generate(pipe, prompts, args, SCFGConfig(mask_interval=k))
+        images, seconds = generate(pipe, prompts, args, SCFGConfig(mask_interval=k, **levels))
         if reference is None:
             reference = images
         diff = np.abs(images.astype(np.float64) - reference.astype(np.float64))
