@@ -83,7 +83,7 @@ def test_fields_without_values_get_no_interval_from_them():
 
 def test_frechet_distance_per_group_and_its_interval():
     """Generated features equal to the reference's: distance 0 for CFG; shifted by 1 in every coordinate for S-CFG:
-    distance D (= 8) in every resample (a shift moves the means only)."""
+    distance D (= 8) with any caption left out (a shift moves the means only)."""
     g = torch.Generator().manual_seed(0)
     reference = torch.randn(16, 8, generator=g, dtype=torch.float64)
     rows = []
@@ -93,10 +93,9 @@ def test_frechet_distance_per_group_and_its_interval():
     table = {row["method"]: row for row in summarise(rows, fidelity, resamples=50)}
     assert table["cfg"]["fd"] == pytest.approx(0.0, abs=1e-9)
     assert table["scfg-official"]["fd"] == pytest.approx(8.0, rel=1e-9)
-    # a resample of 8 captions can have fewer than 9 distinct rows, so its 8x8 covariances are singular: an
-    # eigenvalue that is 0 comes out as about 1e-16 x the largest, and its square root as up to 1e-8, over the 8
-    # eigenvalues at most 1e-7 (the full set is not singular: 1e-9 above)
+    # every left-out set (14 rows, 8 features) gives 8 up to rounding (1e-9 above), so the jackknife's se is ~0
     assert table["scfg-official"]["fd_ci"] == pytest.approx([8.0, 8.0], abs=1e-6)
+    assert table["scfg-official"]["fd_vs_cfg"] == pytest.approx(8.0, rel=1e-9)
 
 
 def test_table_and_curves(tmp_path):
@@ -124,15 +123,71 @@ def test_no_resamples_no_intervals():
     assert np.isfinite(table[1]["full_vs_cfg"])
 
 
-def test_no_distance_interval_from_fewer_images_than_twice_the_features():
-    """12 images of 8 features: a resample's distinct images (about 63%, 7-8) do not span the features, the
-    resampled distances are biased upwards and their interval would exclude the estimate, so none is given."""
+def test_no_distance_interval_where_a_left_out_set_does_not_span_the_features():
+    """9 images of 8 features, one per caption: leaving one out leaves 8 images, whose covariance (rank 7 at most)
+    is singular, so no interval is given."""
     g = torch.Generator().manual_seed(0)
-    reference = torch.randn(12, 8, generator=g, dtype=torch.float64)
-    rows = [_row("cfg", f"p{k}", True, k) for k in range(12)]
+    reference = torch.randn(9, 8, generator=g, dtype=torch.float64)
+    rows = [_row("cfg", f"p{k}", True, k) for k in range(9)]
     table = summarise(rows, (reference, {("cfg", 5.0): reference + 1}), resamples=50)
     assert table[0]["fd"] == pytest.approx(8.0, rel=1e-9)
     assert "fd_ci" not in table[0]
+
+
+def _fd_1d(a: np.ndarray, b: np.ndarray) -> float:
+    """The Fréchet distance of two 1-D Gaussians, in closed form: (mu_a - mu_b)^2 + (sd_a - sd_b)^2."""
+    return (a.mean() - b.mean()) ** 2 + (a.std(ddof=1) - b.std(ddof=1)) ** 2
+
+
+def test_distance_interval_is_the_jackknife_over_captions():
+    """1-D features, 10 captions of 2 images: the interval against a jackknife written out here with the closed-form
+    1-D distance (each caption's two images left out of both sets), and the paired difference to CFG's likewise.
+    Both sides are float64 sums of 20 terms: 1e-9 is far above their rounding and far below any formula slip."""
+    rng = np.random.default_rng(3)
+    reference = rng.normal(size=(20, 1))
+    fake = {("cfg", 5.0): rng.normal(0.3, 1.5, size=(20, 1)), ("scfg-official", 5.0): rng.normal(0.1, 1.2, (20, 1))}
+    rows = [_row(m, f"p{k // 2}", True, k) for m in ("cfg", "scfg-official") for k in range(20)]
+    torch_fake = {key: torch.from_numpy(v) for key, v in fake.items()}
+    table = {row["method"]: row for row in summarise(rows, (torch.from_numpy(reference), torch_fake), resamples=20)}
+
+    def jackknife(values: np.ndarray) -> float:
+        return float(np.sqrt((len(values) - 1) / len(values) * ((values - values.mean()) ** 2).sum()))
+
+    leave_out = {}
+    for key, generated in fake.items():
+        keep = [np.r_[0 : 2 * k, 2 * k + 2 : 20] for k in range(10)]
+        leave_out[key] = np.array([_fd_1d(generated[i, 0], reference[i, 0]) for i in keep])
+        estimate = _fd_1d(generated[:, 0], reference[:, 0])
+        se = jackknife(leave_out[key])
+        assert table[key[0]]["fd"] == pytest.approx(estimate, abs=1e-9)
+        assert table[key[0]]["fd_ci"] == pytest.approx([estimate - 1.96 * se, estimate + 1.96 * se], abs=1e-9)
+    difference = table["scfg-official"]["fd"] - table["cfg"]["fd"]
+    se = jackknife(leave_out[("scfg-official", 5.0)] - leave_out[("cfg", 5.0)])
+    assert table["scfg-official"]["fd_vs_cfg"] == pytest.approx(difference, abs=1e-9)
+    assert table["scfg-official"]["fd_vs_cfg_ci"] == pytest.approx([difference - 1.96 * se, difference + 1.96 * se])
+    assert "fd_vs_cfg" not in table["cfg"]
+
+
+def test_distance_interval_is_not_narrower_than_the_spread_over_fresh_draws():
+    """The bench's regime (3 images per caption, a few times more images than features) in small: 48 captions x 3
+    images of 16 Gaussian features against a fixed reference. Over 100 fresh draws, the mean jackknife half-width
+    / 1.96 against the standard deviation of the distance itself. Efron-Stein: the jackknife variance is at least
+    the true variance in expectation, so the ratio is >= 1 up to the noise of a standard deviation from 100 draws
+    (relative error about 1 / sqrt(2 x 100) = 7%; three of those: 0.8); above 2 would mean a misscaled se (a
+    missing (n - 1) factor is sqrt(47) ~ 7x off). A percentile bootstrap fails the other way: its interval misses
+    the estimate."""
+    rng = np.random.default_rng(0)
+    reference = torch.from_numpy(rng.normal(size=(144, 16)))
+    distances, half_widths = [], []
+    for _ in range(100):
+        generated = torch.from_numpy(rng.normal(0.2, 1.1, size=(144, 16)))
+        rows = [_row("cfg", f"p{k // 3}", True, k) for k in range(144)]
+        (row,) = summarise(rows, (reference, {("cfg", 5.0): generated}), resamples=1)
+        assert row["fd_ci"][0] < row["fd"] < row["fd_ci"][1]
+        distances.append(row["fd"])
+        half_widths.append((row["fd_ci"][1] - row["fd_ci"][0]) / 2)
+    ratio = np.mean(half_widths) / 1.96 / np.std(distances, ddof=1)
+    assert 0.8 <= ratio <= 2.0
 
 
 def test_difference_at_matched_strength_interpolates_cfg_in_the_effective_scale():

@@ -152,7 +152,7 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     and negative values, which are dropped."""
     a, b = a.double(), b.double()
     mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    cov_a, cov_b = torch.atleast_2d(torch.cov(a.T)), torch.atleast_2d(torch.cov(b.T))  # 0-D for 1 feature
     root = torch.linalg.eigvals(cov_a @ cov_b).real.clamp_min(0).sqrt().sum()
     return float((mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * root)
 
