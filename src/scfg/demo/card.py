@@ -127,8 +127,8 @@ def verdict(
     status = {True: "met", False: "not met yet", None: "not measured (the benchmark's CFG row at g=5 gives it)"}
     parts = [f"the {name} is {status[ok]}" for name, ok in met.items()]
     return (
-        f"The bar set for calling the model finished is {wanted}: {', '.join(parts)}; this model is a preview that "
-        "more training improves."
+        f"The bar set for calling the model finished is {wanted}: {', '.join(parts)}; a model short of it does not "
+        "replace the shipped default (it can ship beside it)."
     )
 
 
