@@ -380,15 +380,15 @@ def summarise(
                     entry["fd_ci"] = _jackknife_interval(entry["fd"], leave_out)
             table.append({k: float(v) if isinstance(v, np.floating | float) else v for k, v in entry.items()})
     cfg_full = {row["scale"]: row["full"] for row in table if row["method"] == "cfg"}
+    cfg_fd = {row["scale"]: row["fd"] for row in table if row["method"] == "cfg" and "fd" in row}
     cfg_scales = sorted(cfg_full)
     for row in table:
         if row["method"] == "cfg":
             continue
         if row["scale"] in cfg_full:
             row["full_vs_cfg"] = row["full"] - cfg_full[row["scale"]]
-            cfg_row = next(r for r in table if r["method"] == "cfg" and r["scale"] == row["scale"])
-            if "fd" in row and "fd" in cfg_row:
-                row["fd_vs_cfg"] = row["fd"] - cfg_row["fd"]
+            if "fd" in row and row["scale"] in cfg_fd:
+                row["fd_vs_cfg"] = row["fd"] - cfg_fd[row["scale"]]
                 key, cfg_key = (row["method"], row["scale"]), ("cfg", row["scale"])
                 if key in jack_fd and cfg_key in jack_fd:  # paired: the same caption left out on both sides
                     row["fd_vs_cfg_ci"] = _jackknife_interval(row["fd_vs_cfg"], jack_fd[key] - jack_fd[cfg_key])
